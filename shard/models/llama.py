@@ -1,0 +1,214 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral) written for the engine.
+
+One forward runs every scheduled token of every sequence at once: the tokens of a step are
+flattened into one [T, hidden] matrix for the projections and MLPs (prefill chunks and decode
+tokens alike), and only attention looks at sequences, through a padded [B, Qmax] x [B, Lmax]
+view gathered from a paged KV cache. Each tensor-parallel rank holds its slice of the heads and
+MLP columns; row-parallel outputs are all-reduced (a no-op at world size 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shard.parallel import TPGroup
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaConfig":
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        if rope and rope.get("rope_type", rope.get("type")) in (None, "default"):
+            rope = None
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", cfg.get("model_type") == "qwen2"),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            bos_token_id=cfg.get("bos_token_id"),
+        )
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif kind is not None:
+        raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3 are)")
+    return inv_freq.float()
+
+
+@dataclass
+class AttentionBatch:
+    """Where this step's tokens sit: built by the engine once per step, shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot each new token's K/V is written to
+    kv_slots: torch.Tensor  # [B, Lmax] cache slots of each sequence's context (padding: 0)
+    mask: torch.Tensor  # [B, Qmax, Lmax] bool, True where query may attend key
+    q_index: torch.Tensor | None  # [B, Qmax] row of each padded query in [T]; None when Qmax == 1
+    q_valid: torch.Tensor | None  # [B, Qmax] bool, real queries; None when Qmax == 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Half-split rotation (the Hugging Face layout; GGUF's interleaved q/k are un-permuted at load).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.eps = cfg.rms_norm_eps
+        self.head_dim = cfg.head_dim
+        self.heads = cfg.num_heads // tp.size
+        self.kv_heads = tp.kv_heads_per_rank(cfg.num_kv_heads)
+        inter = cfg.intermediate_size // tp.size
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.input_layernorm = nn.Parameter(torch.empty(h))
+        # q, k, v fused into one matmul and gate, up into another: fewer, larger ops per step.
+        self.qkv_proj = nn.Parameter(torch.empty((self.heads + 2 * self.kv_heads) * d, h))
+        self.qkv_bias = nn.Parameter(torch.empty((self.heads + 2 * self.kv_heads) * d)) if cfg.attention_bias else None
+        self.o_proj = nn.Parameter(torch.empty(h, self.heads * d))
+        self.post_attention_layernorm = nn.Parameter(torch.empty(h))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * inter, h))
+        self.down_proj = nn.Parameter(torch.empty(h, inter))
+        self.scale = d**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        h = rms_norm(x, self.input_layernorm, self.eps)
+        x = x + self.attention(h, cos, sin, batch, k_cache, v_cache)
+        h = rms_norm(x, self.post_attention_layernorm, self.eps)
+        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
+        return x + self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
+
+    def attention(self, h, cos, sin, batch: AttentionBatch, k_cache, v_cache) -> torch.Tensor:
+        T, d, hq, hkv = h.shape[0], self.head_dim, self.heads, self.kv_heads
+        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = apply_rope(q.view(T, hq, d), cos, sin)
+        k = apply_rope(k.view(T, hkv, d), cos, sin)
+        k_cache.index_copy_(0, batch.slot_mapping, k)
+        v_cache.index_copy_(0, batch.slot_mapping, v.view(T, hkv, d))
+
+        B, L = batch.kv_slots.shape
+        keys = k_cache[batch.kv_slots].permute(0, 2, 3, 1)  # [B, hkv, d, L]
+        values = v_cache[batch.kv_slots].transpose(1, 2)  # [B, hkv, L, d]
+        qp = q.view(B, 1, hq, d) if batch.q_index is None else q[batch.q_index]  # [B, Qm, hq, d]
+        Qm, g = qp.shape[1], hq // hkv
+        # Grouped-query attention as plain batched matmuls: each KV head serves its g query heads
+        # without repeating K/V (measured faster than SDPA for decode on CPU).
+        qg = qp.view(B, Qm, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, hkv, g * Qm, d)
+        scores = torch.matmul(qg, keys).view(B, hkv, g, Qm, L).float() * self.scale
+        scores = scores.masked_fill(~batch.mask[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(B, hkv, g * Qm, L)
+        out = torch.matmul(probs, values).view(B, hkv, g, Qm, d).permute(0, 3, 1, 2, 4)
+        out = out.reshape(B, Qm, hq * d)
+        out = out.view(T, hq * d) if batch.q_valid is None else out[batch.q_valid]
+        return self.tp.all_reduce(F.linear(out, self.o_proj))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig, tp: TPGroup) -> None:
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        self.vocab_per_rank = math.ceil(cfg.vocab_size / tp.size)
+        self.embed_tokens = nn.Parameter(torch.empty(self.vocab_per_rank, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(self.vocab_per_rank, cfg.hidden_size))
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.embed_tokens)
+        # Vocabulary-parallel: each rank looks up the ids it owns, zeros the rest, then all-reduce.
+        local = ids - self.tp.rank * self.vocab_per_rank
+        owned = (local >= 0) & (local < self.vocab_per_rank)
+        out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.embed_tokens)
+        return self.tp.all_reduce(out * owned.unsqueeze(-1).to(out.dtype))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        x = self.embed(ids)
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(x.dtype).unsqueeze(1)
+        sin = emb.sin().to(x.dtype).unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, batch, k_cache, v_cache)
+        return x
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [n, vocab] for the rows that sample (one per sequence, not per token)."""
+        h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        local = F.linear(h, head).float()
+        return self.tp.all_gather_last(local)[:, : self.cfg.vocab_size]
