@@ -1,0 +1,294 @@
+"""The step loop: continuous batching over a paged KV cache.
+
+One thread owns the model. Each step it (1) drops cancelled sequences and frees their blocks,
+(2) schedules every running sequence plus as many waiting ones as the token budget, batch size
+and free KV blocks allow (prompts may be split into chunks across steps), (3) runs one forward
+for all scheduled tokens, (4) samples one token for each sequence whose prompt is complete, and
+hands it to that request's callback. Requests join and leave the batch between steps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from shard.models.llama import AttentionBatch, LlamaModel
+from shard.sampler import Sampled, SamplingParams, sample
+
+log = logging.getLogger("sluice.engine")
+
+FINISH_LENGTH, FINISH_EOS = "length", "eos"
+
+
+class Sequence:
+    """One request inside the engine. `on_event(kind, value)` is called from the engine thread:
+    ("token", Sampled), ("finish", reason) or ("error", message)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        on_event: Callable[[str, object], None],
+        stop_token_ids: frozenset[int] = frozenset(),
+        top_n_tokens: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.token_ids = list(prompt_ids)
+        self.prompt_len = len(prompt_ids)
+        if params.do_sample and params.temperature <= 0:
+            params.do_sample = False
+        if params.do_sample and params.seed is None:
+            params.seed = int.from_bytes(os.urandom(8), "little") >> 1
+        self.params = params
+        self.generator = torch.Generator().manual_seed(params.seed) if params.do_sample else None
+        self.max_new_tokens = max_new_tokens
+        self.stop_token_ids = stop_token_ids
+        self.top_n_tokens = top_n_tokens
+        self.on_event = on_event
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.blocks: list[int] = []
+        self.cancelled = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+class BlockManager:
+    """Fixed-size KV blocks handed out on demand; a sequence's blocks need not be contiguous."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+
+    def needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, math.ceil(num_tokens / self.block_size) - len(seq.blocks))
+
+    def can_allocate(self, n: int) -> bool:
+        return len(self.free_blocks) >= n
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        for _ in range(self.needed(seq, num_tokens)):
+            seq.blocks.append(self.free_blocks.popleft())
+
+    def free(self, seq: Sequence) -> None:
+        self.free_blocks.extend(seq.blocks)
+        seq.blocks = []
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_batch_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def remove(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Out of KV blocks: drop the newest sequence's cache and recompute it later (its tokens
+        # so far are kept, so the client sees no difference but a pause).
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of tokens to compute this step), running sequences first."""
+        budget = self.max_batch_tokens
+        out: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below for an earlier sequence
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            need = self.blocks.needed(seq, seq.num_computed + n)
+            while not self.blocks.can_allocate(need) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if not self.blocks.can_allocate(need):
+                self._preempt(seq)
+                continue
+            self.blocks.allocate(seq, seq.num_computed + n)
+            out.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_allocate(self.blocks.needed(seq, seq.num_computed + n)):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_computed + n)
+            self.running.append(seq)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_tokens: int = 32768
+    block_size: int = 16
+    max_batch_size: int = 64
+    max_batch_tokens: int = 512  # tokens per step: bounds how long a long prompt stalls decodes
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: list[int]) -> None:
+        self.model = model
+        self.config = config
+        self.eos = frozenset(eos_token_ids)
+        cfg = model.cfg
+        dtype = model.embed_tokens.dtype
+        num_blocks = config.kv_cache_tokens // config.block_size
+        kv_heads = model.tp.kv_heads_per_rank(cfg.num_kv_heads)
+        shape = (num_blocks * config.block_size, kv_heads, cfg.head_dim)
+        # One K and one V tensor per layer (not one big tensor): writes stay in place.
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_layers)]
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_batch_tokens)
+        self.max_seq_len = min(cfg.max_position_embeddings, num_blocks * config.block_size)
+        self._inbox: deque[Sequence] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # --- called from other threads -------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        if not seq.token_ids:
+            raise ValueError("empty prompt")
+        if seq.num_tokens >= self.max_seq_len:
+            raise ValueError(f"prompt of {seq.num_tokens} tokens leaves no room: the limit is {self.max_seq_len}")
+        self._inbox.append(seq)
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def stats(self) -> tuple[int, int, int]:
+        """(running, waiting, free KV blocks), read without locks: a snapshot for /health."""
+        return len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox), len(self.blocks.free_blocks)
+
+    # --- the engine thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            while self._inbox:
+                self.scheduler.waiting.append(self._inbox.popleft())
+            for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled]:
+                self.scheduler.remove(seq)
+            if not self.scheduler.running and not self.scheduler.waiting:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # a failed step fails its batch, never the process
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self.scheduler.remove(seq)
+                    seq.on_event("error", f"{type(exc).__name__}: {exc}")
+
+    def step(self) -> None:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            time.sleep(0.001)  # nothing fits yet (KV full of waiting prompts): let cancels land
+            return
+        ids, positions, batch, sample_rows = self._prepare(scheduled)
+        hidden = self.model(ids, positions, batch, self.kv_caches)
+        samplers = [seq for (seq, n), row in zip(scheduled, sample_rows) if row is not None]
+        results: list[Sampled] = []
+        if samplers:
+            logits = self.model.logits(hidden[[r for r in sample_rows if r is not None]])
+            results = sample(
+                logits,
+                [s.params for s in samplers],
+                [s.generator for s in samplers],
+                [torch.tensor(s.token_ids) for s in samplers],
+                [s.top_n_tokens for s in samplers],
+            )
+        for seq, n in scheduled:
+            seq.num_computed += n
+        for seq, res in zip(samplers, results):
+            self._append(seq, res)
+        self.steps += 1
+
+    def _append(self, seq: Sequence, res: Sampled) -> None:
+        seq.token_ids.append(res.token_id)
+        seq.on_event("token", res)
+        reason = None
+        if res.token_id in seq.stop_token_ids or res.token_id in self.eos:
+            reason = FINISH_EOS
+        elif seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_seq_len:
+            reason = FINISH_LENGTH
+        if reason:
+            self.scheduler.remove(seq)
+            seq.on_event("finish", reason)
+
+    def _prepare(self, scheduled: list[tuple[Sequence, int]]):
+        """Flatten the step's tokens and build the attention gather/mask for the whole batch."""
+        bs = self.blocks.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        starts, lens, ctx = [], [], []
+        sample_rows: list[int | None] = []
+        for seq, n in scheduled:
+            s = seq.num_computed
+            starts.append(len(ids))
+            ids.extend(seq.token_ids[s : s + n])
+            positions.extend(range(s, s + n))
+            lens.append(n)
+            ctx.append(s + n)
+            sample_rows.append(len(ids) - 1 if s + n == seq.num_tokens else None)
+        B, Qm, Lm = len(scheduled), max(lens), max(ctx)
+        max_blocks = math.ceil(Lm / bs)
+        table = torch.tensor([seq.blocks[:max_blocks] + [0] * (max_blocks - len(seq.blocks[:max_blocks])) for seq, _ in scheduled])
+        kv_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(B, -1)[:, :Lm]
+        pos_t = torch.tensor(positions)
+        block_of = torch.tensor([seq.blocks[p // bs] for (seq, n) in scheduled for p in range(seq.num_computed, seq.num_computed + n)])
+        slot_mapping = block_of * bs + pos_t % bs
+        keys = torch.arange(Lm)
+        if Qm == 1:
+            mask = (keys < torch.tensor(ctx).unsqueeze(1)).unsqueeze(1)
+            q_index = q_valid = None
+        else:
+            qi = torch.arange(Qm)
+            lens_t, starts_t = torch.tensor(lens).unsqueeze(1), torch.tensor(starts).unsqueeze(1)
+            q_valid = qi < lens_t
+            q_index = torch.where(q_valid, starts_t + qi, 0)
+            q_pos = torch.tensor([seq.num_computed for seq, _ in scheduled]).unsqueeze(1) + qi  # [B, Qm]
+            mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
+        batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
+        return torch.tensor(ids), pos_t, batch, sample_rows
