@@ -40,6 +40,7 @@ class Sequence:
         on_event: Callable[[str, object], None],
         stop_token_ids: frozenset[int] = frozenset(),
         top_n_tokens: int = 0,
+        ignore_eos: bool = False,  # benchmarks: run to max_new_tokens whatever the model says
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
@@ -53,6 +54,7 @@ class Sequence:
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = stop_token_ids
         self.top_n_tokens = top_n_tokens
+        self.ignore_eos = ignore_eos
         self.on_event = on_event
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.blocks: list[int] = []
@@ -249,7 +251,7 @@ class Engine:
         seq.token_ids.append(res.token_id)
         seq.on_event("token", res)
         reason = None
-        if res.token_id in seq.stop_token_ids or res.token_id in self.eos:
+        if res.token_id in seq.stop_token_ids or (res.token_id in self.eos and not seq.ignore_eos):
             reason = FINISH_EOS
         elif seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_seq_len:
             reason = FINISH_LENGTH

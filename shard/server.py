@@ -1,0 +1,164 @@
+"""The shard's gRPC service: token ids in, a stream of sampled tokens out.
+
+The engine runs in its own thread; each Generate call owns an asyncio queue that the engine
+thread feeds through `call_soon_threadsafe`. When the router cancels the call, the handler's
+`finally` marks the sequence cancelled and the engine frees it before its next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from shard.engine import FINISH_EOS, Engine, EngineConfig, Sequence
+from shard.models.loader import load_model
+from shard.sampler import Sampled, SamplingParams
+from sluice import shard_pb2 as pb
+from sluice import shard_pb2_grpc as pb_grpc
+from sluice.modelfiles import ModelSource
+
+log = logging.getLogger("sluice.shard")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ShardSettings:
+    model_id: str | None = None
+    address: str = "unix:///tmp/sluice-shard.sock"
+    dtype: str = "bfloat16"
+    kv_cache_tokens: int = 32768
+    block_size: int = 16
+    max_batch_size: int = 64
+    max_batch_prefill_tokens: int = 512
+    num_threads: int | None = None
+
+
+class ShardService(pb_grpc.ShardServicer):
+    def __init__(self, engine: Engine, source: ModelSource, settings: ShardSettings) -> None:
+        self.engine = engine
+        self.source = source
+        self.settings = settings
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        cfg = self.engine.model.cfg
+        return pb.InfoResponse(
+            model_id=self.source.model_id,
+            dtype=self.settings.dtype,
+            device="cpu",
+            num_shard=self.engine.model.tp.size,
+            max_position_embeddings=self.engine.max_seq_len,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=sorted(self.engine.eos),
+            kv_cache_tokens=self.engine.blocks.num_blocks * self.engine.blocks.block_size,
+            max_batch_size=self.engine.config.max_batch_size,
+            block_size=self.engine.blocks.block_size,
+        )
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        running, waiting, free = self.engine.stats()
+        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        return pb.HealthResponse(ok=alive, running=running, waiting=waiting, free_kv_blocks=free)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        p = request.params
+        params = SamplingParams(
+            do_sample=p.do_sample,
+            temperature=p.temperature or 1.0,
+            top_k=p.top_k,
+            top_p=p.top_p or 1.0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            seed=p.seed if p.HasField("seed") else None,
+        )
+        eos = frozenset(request.stop_token_ids)
+        seq = Sequence(
+            request.request_id,
+            list(request.input_ids),
+            params,
+            request.max_new_tokens or 1,
+            lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
+            stop_token_ids=eos,
+            top_n_tokens=request.top_n_tokens,
+            ignore_eos=request.ignore_eos,
+        )
+        try:
+            self.engine.submit(seq)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        first = True
+        try:
+            while True:
+                batch = [await events.get()]
+                while not events.empty():  # the router fell behind: send what is ready at once
+                    batch.append(events.get_nowait())
+                msg = pb.GenerateResponse()
+                if first:
+                    msg.prompt_tokens = seq.prompt_len
+                    msg.seed = params.seed or 0
+                    first = False
+                done = False
+                for kind, value in batch:
+                    if kind == "token":
+                        msg.tokens.append(_token(value))
+                    elif kind == "finish":
+                        msg.finish_reason = pb.FINISH_REASON_EOS if value == FINISH_EOS else pb.FINISH_REASON_LENGTH
+                        done = True
+                    else:
+                        await context.abort(grpc.StatusCode.INTERNAL, str(value))
+                yield msg
+                if done:
+                    return
+        finally:
+            self.engine.cancel(seq)  # no-op when finished; frees the sequence when the call was cancelled
+
+
+def _token(s: Sampled) -> pb.Token:
+    return pb.Token(id=s.token_id, logprob=s.logprob, top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in s.top])
+
+
+def build_engine(settings: ShardSettings, source: ModelSource, tp=None) -> Engine:
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    t0 = time.time()
+    model = load_model(source, DTYPES[settings.dtype], tp)
+    log.info("loaded %s (%s) in %.1fs", source.model_id, settings.dtype, time.time() - t0)
+    config = EngineConfig(
+        kv_cache_tokens=settings.kv_cache_tokens,
+        block_size=settings.block_size,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_prefill_tokens,
+    )
+    return Engine(model, config, model.cfg.eos_token_ids)
+
+
+async def serve(settings: ShardSettings, source: ModelSource) -> None:
+    engine = build_engine(settings, source)
+    engine.start()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ShardServicer_to_server(ShardService(engine, source, settings), server)
+    try:
+        port = server.add_insecure_port(settings.address)
+    except RuntimeError as exc:
+        raise SystemExit(f"shard: cannot listen on {settings.address}: {exc}") from None
+    if port == 0:
+        raise SystemExit(f"shard: cannot listen on {settings.address} (in use?)")
+    await server.start()
+    log.info("shard ready on %s", settings.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    engine.stop()

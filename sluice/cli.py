@@ -1,0 +1,245 @@
+"""`sluice serve | router | shard`: one command for both services, or each alone (compose, Kubernetes).
+
+Flags use TGI's names; each also answers to its underscore spelling (`--max_concurrent_requests`).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+log = logging.getLogger("sluice")
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+    names = [flag]
+    if "_" not in flag and "-" in flag[2:]:
+        names.append("--" + flag[2:].replace("-", "_"))
+    parser.add_argument(*names, **kw)
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    _add(p, "--model-id", default=os.environ.get("MODEL_ID"),
+         help="a folder (config.json + *.safetensors), a .gguf file or a Hub id; default: the embedded SmolLM2-135M-Instruct")
+
+
+def _shard_flags(p: argparse.ArgumentParser) -> None:
+    _add(p, "--dtype", default=os.environ.get("DTYPE", "bfloat16"), choices=["bfloat16", "float32", "float16"])
+    _add(p, "--num-shard", type=int, default=_env_int("NUM_SHARD", 1), help="tensor-parallel processes (1 for now)")
+    _add(p, "--max-batch-total-tokens", type=int, default=_env_int("MAX_BATCH_TOTAL_TOKENS", 32768),
+         help="KV cache capacity in tokens, shared by all running sequences")
+    _add(p, "--max-batch-prefill-tokens", type=int, default=_env_int("MAX_BATCH_PREFILL_TOKENS", 512),
+         help="tokens computed per engine step; longer prompts are split across steps")
+    _add(p, "--max-batch-size", type=int, default=_env_int("MAX_BATCH_SIZE", 64), help="running sequences per step")
+    _add(p, "--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _router_flags(p: argparse.ArgumentParser) -> None:
+    _add(p, "--hostname", default=os.environ.get("HOSTNAME_BIND", "0.0.0.0"))
+    _add(p, "--port", type=int, default=_env_int("PORT", 8080))
+    _add(p, "--max-concurrent-requests", type=int, default=_env_int("MAX_CONCURRENT_REQUESTS", 128))
+    _add(p, "--max-input-tokens", type=int, default=_env_int("MAX_INPUT_TOKENS", 1024))
+    _add(p, "--max-total-tokens", type=int, default=_env_int("MAX_TOTAL_TOKENS", 2048))
+    _add(p, "--api-key", default=os.environ.get("SLUICE_API_KEY"), help="require `Authorization: Bearer KEY`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the shard and the router together")
+    _model_flags(serve)
+    _shard_flags(serve)
+    _router_flags(serve)
+    _add(serve, "--shard-uds-path", default=None, help="Unix socket for router<->shard gRPC (default: a temp dir)")
+
+    router = sub.add_parser("router", help="the HTTP router alone, in front of running shards")
+    _model_flags(router)
+    _router_flags(router)
+    _add(router, "--shard-address", action="append", default=None,
+         help="shard gRPC address: unix:///path.sock or host:port; repeat for replicas (default unix:///tmp/sluice-shard.sock)")
+
+    shard = sub.add_parser("shard", help="one shard (the model and its engine) alone")
+    _model_flags(shard)
+    _shard_flags(shard)
+    _add(shard, "--address", default=os.environ.get("SHARD_ADDRESS", "unix:///tmp/sluice-shard.sock"),
+         help="where to serve gRPC: unix:///path.sock or host:port (binding beyond localhost is explicit)")
+    _add(shard, "--shard-uds-path", default=None, help="shorthand for --address unix://PATH")
+    return parser
+
+
+def _resolve_or_exit(model_id: str | None):
+    from sluice.modelfiles import ModelNotFound, resolve
+
+    try:
+        return resolve(model_id)
+    except ModelNotFound as exc:
+        raise SystemExit(f"sluice: {exc}") from None
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"sluice: port {port} on {host} is not free ({exc.strerror}); pick another with --port") from None
+
+
+def run_shard(args: argparse.Namespace) -> None:
+    from shard.server import ShardSettings, serve
+
+    if args.num_shard != 1:
+        raise SystemExit("sluice: --num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
+    source = _resolve_or_exit(args.model_id)
+    address = f"unix://{args.shard_uds_path}" if args.shard_uds_path else args.address
+    settings = ShardSettings(
+        model_id=args.model_id,
+        address=address,
+        dtype=args.dtype,
+        kv_cache_tokens=args.max_batch_total_tokens,
+        max_batch_size=args.max_batch_size,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+        num_threads=args.num_threads,
+    )
+    try:
+        asyncio.run(serve(settings, source))
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"sluice shard: cannot load {source.model_id}: {exc}") from None
+
+
+def run_router(args: argparse.Namespace, shard_addresses: list[str] | None = None) -> None:
+    from router.app import serve
+    from router.config import RouterSettings
+
+    _check_port(args.hostname, args.port)
+    source = _resolve_or_exit(args.model_id)
+    settings = RouterSettings(
+        hostname=args.hostname,
+        port=args.port,
+        model_id=str(source.path) if args.model_id else None,
+        shard_addresses=shard_addresses or args.shard_address or ["unix:///tmp/sluice-shard.sock"],
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        api_key=args.api_key,
+    )
+    serve(settings)
+
+
+def _wait_for_shard(address: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    import grpc
+
+    from sluice import shard_pb2, shard_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = shard_pb2_grpc.ShardStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"sluice: the shard exited with code {proc.returncode} while starting (see its log above)")
+            try:
+                if stub.Health(shard_pb2.HealthRequest(), timeout=1).ok:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise SystemExit(f"sluice: the shard did not become healthy within {timeout:.0f}s")
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ShardSupervisor:
+    """Runs the shard process and restarts it if it dies, so the router (which keeps its gRPC
+    channel and reconnects) resumes serving without a restart of its own."""
+
+    def __init__(self, argv: list[str], address: str) -> None:
+        self.argv, self.address = argv, address
+        self.stopping = False
+        self.proc = self._spawn()
+        self.restarts = 0
+
+    def _spawn(self) -> subprocess.Popen:
+        # Own session: Ctrl-C reaches only the launcher, which then stops the shard in order.
+        # PDEATHSIG: if the launcher is killed outright, the shard goes with it.
+        return subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def watch(self) -> None:
+        while not self.stopping:
+            code = self.proc.wait()
+            if self.stopping:
+                return
+            self.restarts += 1
+            log.error("shard exited with code %s; restarting it (restart %d)", code, self.restarts)
+            time.sleep(min(5, self.restarts))
+            if not self.stopping:
+                self.proc = self._spawn()
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    if args.num_shard != 1:
+        raise SystemExit("sluice: --num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
+    _check_port(args.hostname, args.port)
+    source = _resolve_or_exit(args.model_id)
+    tmp = None
+    if args.shard_uds_path:
+        uds = args.shard_uds_path
+    else:
+        tmp = tempfile.mkdtemp(prefix="sluice-")
+        uds = os.path.join(tmp, "shard.sock")
+    address = f"unix://{uds}"
+    argv = [sys.executable, "-m", "sluice", "shard", "--address", address, "--dtype", args.dtype,
+            "--max-batch-total-tokens", str(args.max_batch_total_tokens),
+            "--max-batch-prefill-tokens", str(args.max_batch_prefill_tokens),
+            "--max-batch-size", str(args.max_batch_size)]
+    if args.model_id:
+        argv += ["--model-id", str(source.path)]
+    if args.num_threads:
+        argv += ["--num-threads", str(args.num_threads)]
+    supervisor = ShardSupervisor(argv, address)
+    try:
+        _wait_for_shard(address, supervisor.proc)
+        threading.Thread(target=supervisor.watch, daemon=True).start()
+        run_router(args, [address])
+    finally:
+        supervisor.stop()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    {"serve": run_serve, "router": run_router, "shard": run_shard}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
