@@ -99,6 +99,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     def remove(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -113,6 +114,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
+        self.preemptions += 1
         self.waiting.appendleft(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
