@@ -1,0 +1,592 @@
+"""The HTTP side of Sluice: TGI and OpenAI routes over a pool of gRPC shards.
+
+One request: the handler parses and validates the body (422 before any byte), turns messages or inputs
+into prompt ids (chat template + tokenizer), builds a shard GenerateRequest, and answers with either a
+Deferred JSON body or an EventStream of SSE events fed by TextGenerator.generate(). Admission (429) and
+request metrics wrap every request in asgi.Admission; disconnects cancel the work in asgi's responses.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+import sluice
+from sluice import modelfiles, shard_pb2
+
+from . import schemas
+from .asgi import Admission, ApiError, Deferred, EventStream, error_response
+from .config import RouterSettings
+from .metrics import Metrics
+from .shards import ShardError, ShardPool
+from .textgen import Generation, IncompleteGeneration, Piece, TextGenerator
+
+log = logging.getLogger("sluice.router")
+
+TGI_DEFAULT_MAX_NEW_TOKENS = 100
+GENERATION_ROUTES = {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"}
+
+
+@dataclass
+class Job:
+    """One validated request, ready for the shard."""
+
+    request: shard_pb2.GenerateRequest
+    stops: list[str]
+    prompt_text: str
+    sampled: bool
+
+
+class Router:
+    """What every handler needs; built in the app's lifespan."""
+
+    def __init__(self, settings: RouterSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.source = modelfiles.resolve(settings.model_id)
+        self.tokenizer = None
+        self.pool: ShardPool | None = None
+        self.textgen: TextGenerator | None = None
+
+    async def start(self) -> None:
+        self.pool = ShardPool(self.settings.shard_addresses)
+        # Converting the GGUF tokenizer takes seconds: do it while the shards load their weights.
+        tokenizer_task = asyncio.create_task(asyncio.to_thread(modelfiles.load_tokenizer, self.source))
+        try:
+            await self.pool.connect(self.settings.shard_connect_timeout_s)
+        except BaseException:
+            tokenizer_task.cancel()
+            await self.pool.close()
+            raise
+        self.tokenizer = await tokenizer_task
+        self.textgen = TextGenerator(self.tokenizer, self.pool, self.metrics)
+        s, info = self.settings, self.pool.info
+        if info.max_position_embeddings and s.max_total_tokens > info.max_position_embeddings:
+            log.warning("max_total_tokens %d is beyond the model's context; using %d",
+                        s.max_total_tokens, info.max_position_embeddings)
+            s.max_total_tokens = info.max_position_embeddings
+        s.max_input_tokens = min(s.max_input_tokens, s.max_total_tokens - 1)
+
+    @property
+    def model_id(self) -> str:
+        return self.pool.info.model_id or self.source.model_id
+
+    # ---- from a request body to a shard request ----
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+
+    def chat_prompt(self, messages: list[schemas.Message]) -> str:
+        # The tokenizer's own template; "developer" is OpenAI's newer name for "system".
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own raise_exception(), e.g. roles out of order
+            raise ApiError(422, f"messages: the chat template rejected them: {exc}") from exc
+
+    def budget(self, prompt_len: int, max_new_tokens: int | None, default: int | None) -> int:
+        """Check the prompt against the token limits; returns max_new_tokens (the default when unset,
+        None as default meaning "all the room that is left")."""
+        s = self.settings
+        if prompt_len == 0:
+            raise ApiError(422, "the prompt is empty: send some text to continue")
+        if prompt_len > s.max_input_tokens:
+            raise ApiError(422, f"the prompt has {prompt_len} tokens, more than max_input_tokens ({s.max_input_tokens})")
+        room = s.max_total_tokens - prompt_len
+        if max_new_tokens is None:
+            max_new_tokens = room if default is None else min(default, room)
+        if prompt_len + max_new_tokens > s.max_total_tokens:
+            raise ApiError(422, f"prompt tokens ({prompt_len}) + max new tokens ({max_new_tokens}) must be at most "
+                                f"max_total_tokens ({s.max_total_tokens})")
+        return max_new_tokens
+
+    def job(self, ids: list[int], prompt_text: str, max_new_tokens: int, stops: list[str] | None,
+            sampled: bool, temperature: float | None, top_n: int = 0, **params) -> Job:
+        stops = [s for s in stops or [] if s]
+        if len(stops) > self.settings.max_stop_sequences:
+            raise ApiError(422, f"stop: at most {self.settings.max_stop_sequences} stop sequences, got {len(stops)}")
+        if top_n > self.settings.max_top_n_tokens:
+            raise ApiError(422, f"at most {self.settings.max_top_n_tokens} top tokens per step, asked for {top_n}")
+        neutral = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+        given = {k: v for k, v in params.items() if v is not None}
+        sampling = shard_pb2.SamplingParams(
+            do_sample=sampled, temperature=temperature if sampled and temperature else 1.0, **{**neutral, **given}
+        )
+        eos = self.tokenizer.eos_token_id
+        request = shard_pb2.GenerateRequest(
+            request_id=uuid.uuid4().hex, input_ids=ids, params=sampling, max_new_tokens=max_new_tokens,
+            # The tokenizer's eos can be the chat turn end that the model's own eos list lacks.
+            stop_token_ids=[eos] if eos is not None else [], top_n_tokens=top_n,
+        )
+        return Job(request, stops, prompt_text, sampled)
+
+    def tgi_job(self, body: schemas.GenerateRequest) -> Job:
+        p = body.parameters or schemas.Parameters()
+        if not body.inputs:
+            raise ApiError(422, "inputs: must not be empty")
+        ids = self.encode(body.inputs)
+        if p.truncate:
+            ids = ids[-p.truncate :]
+        max_new = self.budget(len(ids), p.max_new_tokens, TGI_DEFAULT_MAX_NEW_TOKENS)
+        # TGI samples when asked to, or when any sampling knob is moved off its neutral value.
+        sampled = p.temperature != 0 and bool(
+            p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p not in (None, 1.0)
+        )
+        return self.job(ids, body.inputs, max_new, p.stop, sampled, p.temperature, p.top_n_tokens or 0,
+                        top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
+                        frequency_penalty=p.frequency_penalty)
+
+    def openai_job(self, body: schemas.ChatCompletionRequest | schemas.CompletionRequest, ids: list[int],
+                   prompt_text: str, max_tokens: int | None, top_n: int) -> Job:
+        max_new = self.budget(len(ids), max_tokens, None)
+        temperature = 1.0 if body.temperature is None else body.temperature
+        return self.job(ids, prompt_text, max_new, body.stop_list(), temperature > 0, temperature, top_n,
+                        top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                        seed=body.seed, frequency_penalty=body.frequency_penalty,
+                        presence_penalty=body.presence_penalty)
+
+
+# ---- request parsing ----
+
+
+async def parse(request: Request, model: type[BaseModel]):
+    content_type = request.headers.get("content-type", "application/json")
+    if "json" not in content_type:
+        raise ApiError(422, f"Content-Type must be application/json, got {content_type!r}")
+    limit = request.app.state.router.settings.max_body_bytes
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(422, f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(422, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, schemas.describe(exc)) from exc
+
+
+def router_of(request: Request) -> Router:
+    return request.app.state.router
+
+
+async def collect(router: Router, job: Job, hold_back: bool) -> Generation:
+    """Run a whole generation for a non-streamed answer."""
+    gen = Generation(prompt_tokens=len(job.request.input_ids))
+    try:
+        async for _ in router.textgen.generate(job.request, job.stops, hold_back, gen):
+            pass
+    except ShardError as exc:
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ApiError(422, str(exc)) from exc
+        raise ApiError(500, str(exc), "generation") from exc
+    except IncompleteGeneration as exc:
+        raise ApiError(500, str(exc), "incomplete_generation") from exc
+    return gen
+
+
+async def guarded(events: AsyncIterator[dict | str], done: str | None = None) -> AsyncIterator[dict | str]:
+    """Turn a failure mid-stream into a final error event: the status line (200) is long gone."""
+    try:
+        async for event in events:
+            yield event
+    except (ShardError, IncompleteGeneration) as exc:
+        kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
+        yield {"error": str(exc), "error_type": kind}
+        if done:
+            yield done
+    except Exception as exc:
+        log.exception("stream failed")
+        yield {"error": f"internal error: {exc}", "error_type": "generation"}
+    finally:
+        await events.aclose()
+
+
+def in_app(compute) -> Deferred:
+    async def run() -> Response:
+        try:
+            return await compute()
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.error_type)
+
+    return Deferred(run)
+
+
+# ---- TGI routes ----
+
+
+def tgi_details(gen: Generation, job: Job, streamed: bool) -> dict:
+    details = {"finish_reason": gen.finish_reason, "generated_tokens": len(gen.tokens),
+               "seed": gen.seed if job.sampled else None}
+    if streamed:
+        details["input_length"] = gen.prompt_tokens
+    else:
+        details.update(prefill=[], tokens=gen.tokens)
+        if job.request.top_n_tokens:
+            details["top_tokens"] = gen.top_tokens
+    return details
+
+
+async def tgi_generate(request: Request) -> Response:
+    body = await parse(request, schemas.GenerateRequest)
+    return tgi_answer(router_of(request), body, as_list=False)
+
+
+def tgi_answer(router: Router, body: schemas.GenerateRequest, as_list: bool) -> Response:
+    job = router.tgi_job(body)
+    p = body.parameters or schemas.Parameters()
+
+    async def compute() -> Response:
+        gen = await collect(router, job, hold_back=False)
+        out = {"generated_text": (body.inputs if p.return_full_text else "") + gen.text}
+        if p.details:
+            out["details"] = tgi_details(gen, job, streamed=False)
+        return JSONResponse([out] if as_list else out, headers={"x-generated-tokens": str(len(gen.tokens))})
+
+    return in_app(compute)
+
+
+async def tgi_generate_stream(request: Request) -> Response:
+    router = router_of(request)
+    body = await parse(request, schemas.GenerateRequest)
+    return tgi_stream(router, body, router.tgi_job(body))
+
+
+def tgi_stream(router: Router, body: schemas.GenerateRequest, job: Job) -> EventStream:
+    p = body.parameters or schemas.Parameters()
+
+    async def events() -> AsyncIterator[dict]:
+        gen = Generation(prompt_tokens=len(job.request.input_ids))
+        index = 0
+        async for piece in router.textgen.generate(job.request, job.stops, False, gen):
+            index += 1
+            token = piece.token or router.textgen.token_dict(gen.tokens[-1]["id"] if gen.tokens else 0, 0.0, "")
+            event = {"index": index, "token": token, "generated_text": None, "details": None}
+            if job.request.top_n_tokens:
+                event["top_tokens"] = piece.top_tokens or []
+            if piece.finish_reason:
+                event["generated_text"] = (body.inputs if p.return_full_text else "") + gen.text
+                if p.details:
+                    event["details"] = tgi_details(gen, job, streamed=True)
+            yield event
+
+    return EventStream(guarded(events()))
+
+
+async def tgi_compat(request: Request) -> Response:
+    """`POST /`: TGI's original route, streaming or not as the body says; non-streamed answers are a list."""
+    body = await parse(request, schemas.GenerateRequest)
+    router = router_of(request)
+    if body.stream:
+        return tgi_stream(router, body, router.tgi_job(body))
+    return tgi_answer(router, body, as_list=True)
+
+
+# ---- OpenAI routes ----
+
+
+def _usage(gen: Generation) -> dict:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.tokens),
+            "total_tokens": gen.prompt_tokens + len(gen.tokens)}
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    return {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}.get(reason) if reason else None
+
+
+def _chat_logprobs(pieces: list[tuple[dict, list[dict] | None]]) -> dict:
+    def entry(token: dict) -> dict:
+        return {"token": token["text"], "logprob": token["logprob"], "bytes": list(token["text"].encode())}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(x) for x in top or []]} for t, top in pieces]}
+
+
+async def chat_completions(request: Request) -> Response:
+    router = router_of(request)
+    body = await parse(request, schemas.ChatCompletionRequest)
+    prompt = router.chat_prompt(body.messages)
+    ids = router.encode(prompt, add_special_tokens=False)  # the template already placed them
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    job = router.openai_job(body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n)
+    base = {"id": f"chatcmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
+            "system_fingerprint": f"sluice-{sluice.__version__}"}
+
+    if not body.stream:
+        async def compute() -> Response:
+            gen = await collect(router, job, hold_back=True)
+            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
+                      "logprobs": _chat_logprobs(list(zip(gen.tokens, gen.top_tokens or [None] * len(gen.tokens))))
+                      if body.logprobs else None,
+                      "finish_reason": _openai_finish(gen.finish_reason)}
+            return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)})
+
+        return in_app(compute)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk = {**base, "object": "chat.completion.chunk"}
+    if include_usage:
+        chunk["usage"] = None
+
+    def choice(delta: dict, piece: Piece | None = None, finish: str | None = None) -> dict:
+        lp = _chat_logprobs([(piece.token, piece.top_tokens)]) if body.logprobs and piece and piece.token else None
+        return {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+    async def events() -> AsyncIterator[dict | str]:
+        gen = Generation(prompt_tokens=len(ids))
+        yield choice({"role": "assistant", "content": ""})
+        async for piece in router.textgen.generate(job.request, job.stops, True, gen):
+            if piece.finish_reason:
+                yield choice({"content": piece.text} if piece.text else {}, piece, _openai_finish(piece.finish_reason))
+            elif piece.text:
+                yield choice({"content": piece.text}, piece)
+        if include_usage:
+            yield {**chunk, "choices": [], "usage": _usage(gen)}
+        yield "[DONE]"
+
+    return EventStream(guarded(events(), done="[DONE]"))
+
+
+def completion_prompt(router: Router, prompt: str | list) -> tuple[list[int], str]:
+    if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+        if len(prompt) > 1:
+            raise ApiError(422, "prompt: a list of several prompts is not supported, send one per request")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(422, "prompt: must not be empty")
+        return router.encode(prompt), prompt
+    vocab = router.pool.info.vocab_size or len(router.tokenizer)
+    if any(i < 0 or i >= vocab for i in prompt):
+        raise ApiError(422, f"prompt: token ids must be in [0, {vocab})")
+    return list(prompt), router.tokenizer.decode(prompt)
+
+
+async def completions(request: Request) -> Response:
+    router = router_of(request)
+    body = await parse(request, schemas.CompletionRequest)
+    ids, prompt = completion_prompt(router, body.prompt)
+    job = router.openai_job(body, ids, prompt, body.max_tokens, body.logprobs or 0)
+    echo = prompt if body.echo else ""
+    base = {"id": f"cmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
+            "system_fingerprint": f"sluice-{sluice.__version__}"}
+
+    def logprobs(tokens: list[dict], tops: list[list[dict]] | None) -> dict | None:
+        if body.logprobs is None:
+            return None
+        return {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+                "top_logprobs": [{x["text"]: x["logprob"] for x in top} for top in tops] if tops else None,
+                "text_offset": []}
+
+    if not body.stream:
+        async def compute() -> Response:
+            gen = await collect(router, job, hold_back=True)
+            choice = {"index": 0, "text": echo + gen.text, "logprobs": logprobs(gen.tokens, gen.top_tokens),
+                      "finish_reason": _openai_finish(gen.finish_reason)}
+            return JSONResponse({**base, "object": "text_completion", "choices": [choice], "usage": _usage(gen)})
+
+        return in_app(compute)
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events() -> AsyncIterator[dict | str]:
+        gen = Generation(prompt_tokens=len(ids))
+        first = True
+        async for piece in router.textgen.generate(job.request, job.stops, True, gen):
+            text = (echo if first else "") + piece.text
+            first = False
+            token = piece.token or router.textgen.token_dict(0, 0.0, "")
+            chunk = {**base, "object": "text_completion",
+                     "choices": [{"index": 0, "text": text,
+                                  "logprobs": logprobs([token], [piece.top_tokens] if piece.top_tokens else None),
+                                  "finish_reason": _openai_finish(piece.finish_reason)}],
+                     # TGI's token object too: the JS @huggingface/inference stream reads `r.token.text`.
+                     "token": {**token, "text": text}}
+            if piece.finish_reason:
+                chunk["generated_text"] = echo + gen.text
+            if include_usage:
+                chunk["usage"] = None
+            yield chunk
+        if include_usage:
+            yield {**base, "object": "text_completion", "choices": [], "usage": _usage(gen)}
+        yield "[DONE]"
+
+    return EventStream(guarded(events(), done="[DONE]"))
+
+
+async def models(request: Request) -> Response:
+    router = router_of(request)
+    return JSONResponse({"object": "list", "data": [
+        {"id": router.model_id, "object": "model", "created": 0, "owned_by": "sluice"}]})
+
+
+# ---- service routes ----
+
+
+async def health(request: Request) -> Response:
+    replies = await router_of(request).pool.health()
+    ok = [r for r in replies if r is not None and r.ok]
+    if not ok:
+        return error_response(503, "no shard answered its health check", "unhealthy")
+    return JSONResponse({"status": "ok", "healthy_shards": len(ok), "shards": len(replies)})
+
+
+async def info(request: Request) -> Response:
+    router = router_of(request)
+    s, shard = router.settings, router.pool.info
+    return JSONResponse({
+        "model_id": router.model_id,
+        "model_sha": None,
+        "model_dtype": shard.dtype,
+        "model_device_type": shard.device,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": s.max_concurrent_requests,
+        "max_best_of": 1,
+        "max_stop_sequences": s.max_stop_sequences,
+        "max_input_tokens": s.max_input_tokens,
+        "max_total_tokens": s.max_total_tokens,
+        "max_top_n_tokens": s.max_top_n_tokens,
+        "validation_workers": 1,
+        "max_client_batch_size": 1,
+        "num_shard": sum(r.info.num_shard or 1 for r in router.pool.replicas),
+        "num_replicas": len(router.pool.replicas),
+        "router": "sluice",
+        "version": sluice.__version__,
+        "sha": None,
+        "docker_label": None,
+    })
+
+
+async def tokenize(request: Request) -> Response:
+    router = router_of(request)
+    body = await parse(request, schemas.TokenizeRequest)
+    enc = router.tokenizer(body.inputs, add_special_tokens=True, return_offsets_mapping=True)
+    return JSONResponse([
+        {"id": i, "text": body.inputs[a:b], "start": a, "stop": b}
+        for i, (a, b) in zip(enc.input_ids, enc.offset_mapping)
+    ])
+
+
+async def metrics(request: Request) -> Response:
+    return Response(router_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def openapi_schema() -> dict:
+    def body(model: type[BaseModel]) -> dict:
+        return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
+
+    sse = {"200": {"description": "server-sent events", "content": {"text/event-stream": {}}}}
+    errors = {"422": {"description": "validation error"}, "429": {"description": "overloaded"}}
+    post = lambda summary, model, responses: {  # noqa: E731
+        "post": {"summary": summary, "requestBody": body(model), "responses": {**responses, **errors}}}
+    ok = {"200": {"description": "OK", "content": {"application/json": {}}}}
+    get = lambda summary: {"get": {"summary": summary, "responses": ok}}  # noqa: E731
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Sluice", "version": sluice.__version__,
+                 "description": "TGI- and OpenAI-compatible text generation"},
+        "paths": {
+            "/": post("TGI generate; streams when `stream` is true", schemas.GenerateRequest, ok),
+            "/generate": post("TGI generate", schemas.GenerateRequest, ok),
+            "/generate_stream": post("TGI generate, streamed", schemas.GenerateRequest, sse),
+            "/v1/chat/completions": post("OpenAI chat completions", schemas.ChatCompletionRequest, {**ok, **sse}),
+            "/v1/completions": post("OpenAI completions", schemas.CompletionRequest, {**ok, **sse}),
+            "/tokenize": post("TGI tokenize", schemas.TokenizeRequest, ok),
+            "/v1/models": get("the served model"),
+            "/health": get("200 when a shard answers its health check, else 503"),
+            "/info": get("model and limits"),
+            "/metrics": get("Prometheus metrics"),
+        },
+    }
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_schema())
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse('<!doctype html><title>Sluice API</title><p>The OpenAPI description is at '
+                        '<a href="/openapi.json">/openapi.json</a>.</p>')
+
+
+async def on_api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(exc.status, exc.message, exc.error_type)
+
+
+def create_app(settings: RouterSettings) -> Starlette:
+    metrics_ = Metrics()
+    router = Router(settings, metrics_)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.pool.close()
+
+    routes = [
+        Route("/", tgi_compat, methods=["POST"]),
+        Route("/generate", tgi_generate, methods=["POST"]),
+        Route("/generate_stream", tgi_generate_stream, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs", docs, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
+    app.state.router = router
+    app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
+                       generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},
+                       api_key=settings.api_key)
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before the (slow) start-up so a taken port fails at once, with a message that says so."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"sluice router: cannot listen on {host}:{port}: {exc.strerror} "
+                         f"(is another server using port {port}? pass --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(settings: RouterSettings) -> None:
+    import uvicorn
+
+    sock = _bind(settings.hostname, settings.port)
+    config = uvicorn.Config(create_app(settings), log_level="info", timeout_graceful_shutdown=5,
+                            timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    log.info("router listening on http://%s:%d", settings.hostname, settings.port)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit("sluice router: start-up failed (see the log above)")

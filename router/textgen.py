@@ -1,0 +1,205 @@
+"""From token ids to text: incremental detokenization, stop sequences, and the per-request token loop.
+
+Routes format what `generate()` yields; everything about turning ids into safe text pieces lives here.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sluice import shard_pb2
+
+from .metrics import Metrics
+from .shards import ShardPool
+
+# Decoding starts from a few prompt tokens so the first generated word keeps its leading space
+# (SentencePiece drops it when a "▁word" piece is decoded alone).
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDecoder:
+    """Text for each new token, never half a character.
+
+    Keeps two offsets into the id list: text before `read` was already emitted, `prefix` is where the
+    decode window starts. A new piece is the difference between decoding the window with and without
+    the new ids; while that ends in U+FFFD the token is only part of a multi-byte character, so the
+    text waits for the next token.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back, broken or not: the generation is over."""
+        return self._advance(final=True) if self.read < len(self.ids) else ""
+
+    def _advance(self, final: bool) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        if final:
+            self.read = len(self.ids)
+        return ""
+
+
+class StopMatcher:
+    """Finds stop sequences in the generated text.
+
+    With `hold_back` (OpenAI routes) the stop string is never emitted: text that could still grow into
+    a stop sequence waits, and the match and everything after it is cut. Without it (TGI routes) text
+    is released as it comes and the match stays in the text, as TGI does.
+    """
+
+    def __init__(self, stops: list[str], hold_back: bool) -> None:
+        self.stops = [s for s in stops if s]
+        self.hold_back = hold_back and bool(self.stops)
+        self.text = ""
+        self.released = 0
+        self._longest = max((len(s) for s in self.stops), default=0)
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        """Append a piece; returns (text to emit now, whether a stop sequence matched)."""
+        start = max(0, len(self.text) - self._longest + 1)
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits and self.hold_back:
+            self.text = self.text[: min(hits)]
+            return self._release(len(self.text)), True
+        if not self.hold_back:
+            return self._release(len(self.text)), bool(hits)
+        return self._release(len(self.text) - self._partial_stop_len()), False
+
+    def finish(self) -> str:
+        return self._release(len(self.text))
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop sequence."""
+        for n in range(min(self._longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.released)
+        out, self.released = self.text[self.released : upto], upto
+        return out
+
+
+@dataclass
+class Piece:
+    """One generated token as a route sees it. `text` is what may be shown now (it can be empty while
+    a character or a possible stop sequence is incomplete); `token` is None only for a final piece
+    that carries no token of its own."""
+
+    token: dict | None
+    text: str
+    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence" on the last piece
+    top_tokens: list[dict] | None = None
+
+
+@dataclass
+class Generation:
+    """What a finished (or running) request accumulated, for non-streamed bodies and usage counts."""
+
+    prompt_tokens: int
+    seed: int | None = None
+    text: str = ""
+    tokens: list[dict] = field(default_factory=list)
+    top_tokens: list[list[dict]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+_FINISH = {shard_pb2.FINISH_REASON_LENGTH: "length", shard_pb2.FINISH_REASON_EOS: "eos_token"}
+
+
+class TextGenerator:
+    def __init__(self, tokenizer, pool: ShardPool, metrics: Metrics) -> None:
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.metrics = metrics
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def token_dict(self, token_id: int, logprob: float, text: str) -> dict:
+        return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
+
+    def _top_tokens(self, token: shard_pb2.Token) -> list[dict]:
+        return [
+            self.token_dict(t.id, t.logprob, self.tokenizer.decode([t.id], skip_special_tokens=False))
+            for t in token.top_tokens
+        ]
+
+    async def generate(
+        self, request: shard_pb2.GenerateRequest, stops: list[str], hold_back: bool, gen: Generation
+    ) -> AsyncIterator[Piece]:
+        """Yield one Piece per generated token; the last one has `finish_reason`. Fills `gen` as it goes.
+        Returning early (a stop sequence, or the consumer going away) cancels the shard call."""
+        decoder = IncrementalDecoder(self.tokenizer, list(request.input_ids))
+        matcher = StopMatcher(stops, hold_back)
+        m = self.metrics
+        start = last = time.perf_counter()
+        m.queue.inc()
+        waiting = first = True
+        try:
+            async for reply in self.pool.generate(request):
+                now = time.perf_counter()
+                if first:  # prompt length and the seed actually used come with the first message
+                    gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
+                    gen.seed = reply.seed
+                    first = False
+                if reply.tokens:
+                    if waiting:
+                        m.queue.dec()
+                        waiting = False
+                        m.ttft.observe(now - start)
+                    else:
+                        for _ in reply.tokens:
+                            m.itl.observe((now - last) / len(reply.tokens))
+                    last = now
+                finish = _FINISH.get(reply.finish_reason)
+                for i, token in enumerate(reply.tokens):
+                    text, stopped = matcher.add(decoder.add(token.id))
+                    is_last = stopped or (finish is not None and i == len(reply.tokens) - 1)
+                    reason = "stop_sequence" if stopped else finish if is_last else None
+                    if is_last and not stopped:
+                        text += matcher.add(decoder.flush())[0] + matcher.finish()
+                    piece = Piece(self.token_dict(token.id, token.logprob, text), text, reason)
+                    if request.top_n_tokens:
+                        piece.top_tokens = self._top_tokens(token)
+                        gen.top_tokens.append(piece.top_tokens)
+                    gen.tokens.append(piece.token)
+                    gen.text += text
+                    if is_last:
+                        gen.finish_reason = reason
+                    yield piece
+                    if is_last:
+                        return
+                if finish is not None:  # a last message without tokens
+                    text = matcher.add(decoder.flush())[0] + matcher.finish()
+                    gen.text += text
+                    gen.finish_reason = finish
+                    yield Piece(None, text, finish)
+                    return
+            # The stream ended without a finish reason: the shard went away mid-request.
+            raise IncompleteGeneration("the shard closed the stream before the generation finished")
+        finally:
+            if waiting:
+                m.queue.dec()
+            m.generated_tokens.observe(len(gen.tokens))
+
+
+class IncompleteGeneration(RuntimeError):
+    pass
