@@ -30,8 +30,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
     with init_empty_weights(include_buffers=False):
         model = LlamaModel(cfg, tp)
     for name, tensor in _rank_weights(cfg, tp, get):
-        set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))
-    return model.eval()
+        set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
+    return model.eval().requires_grad_(False)
 
 
 def _rank_weights(cfg: LlamaConfig, tp: TPGroup, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
