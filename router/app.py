@@ -442,10 +442,12 @@ async def models(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     replies = await router_of(request).pool.health()
-    ok = [r for r in replies if r is not None and r.ok]
-    if not ok:
-        return error_response(503, "no shard answered its health check", "unhealthy")
-    return JSONResponse({"status": "ok", "healthy_shards": len(ok), "shards": len(replies)})
+    shards = [{"address": replica.address, "ok": bool(r and r.ok), "running": r.running if r else None,
+               "waiting": r.waiting if r else None} for replica, r in zip(router_of(request).pool.replicas, replies)]
+    if not any(s["ok"] for s in shards):
+        return JSONResponse({"error": "no shard answered its health check", "error_type": "unhealthy",
+                             "shards": shards}, status_code=503)
+    return JSONResponse({"status": "ok", "shards": shards})
 
 
 async def info(request: Request) -> Response:

@@ -132,6 +132,7 @@ class TextGenerator:
         self.pool = pool
         self.metrics = metrics
         self.special_ids = set(tokenizer.all_special_ids)
+        self.eos_ids = set(pool.info.eos_token_ids)
 
     def token_dict(self, token_id: int, logprob: float, text: str) -> dict:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
@@ -141,6 +142,13 @@ class TextGenerator:
             self.token_dict(t.id, t.logprob, self.tokenizer.decode([t.id], skip_special_tokens=False))
             for t in token.top_tokens
         ]
+
+    def _finish(self, request: shard_pb2.GenerateRequest, token_id: int, count: int) -> str | None:
+        """Whether this token ends the request. The shard says so too, but possibly in a later message
+        without tokens; knowing it here lets the last token's event carry the finish, as TGI's does."""
+        if not request.ignore_eos and (token_id in request.stop_token_ids or token_id in self.eos_ids):
+            return "eos_token"
+        return "length" if count >= request.max_new_tokens else None
 
     async def generate(
         self, request: shard_pb2.GenerateRequest, stops: list[str], hold_back: bool, gen: Generation
@@ -158,7 +166,7 @@ class TextGenerator:
                 now = time.perf_counter()
                 if first:  # prompt length and the seed actually used come with the first message
                     gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
-                    gen.seed = reply.seed
+                    gen.seed = request.params.seed if request.params.HasField("seed") else reply.seed
                     first = False
                 if reply.tokens:
                     if waiting:
@@ -172,8 +180,10 @@ class TextGenerator:
                 finish = _FINISH.get(reply.finish_reason)
                 for i, token in enumerate(reply.tokens):
                     text, stopped = matcher.add(decoder.add(token.id))
-                    is_last = stopped or (finish is not None and i == len(reply.tokens) - 1)
-                    reason = "stop_sequence" if stopped else finish if is_last else None
+                    reason = "stop_sequence" if stopped else self._finish(request, token.id, len(gen.tokens) + 1)
+                    if reason is None and i == len(reply.tokens) - 1:
+                        reason = finish
+                    is_last = reason is not None
                     if is_last and not stopped:
                         text += matcher.add(decoder.flush())[0] + matcher.finish()
                     piece = Piece(self.token_dict(token.id, token.logprob, text), text, reason)
