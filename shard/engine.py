@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from shard.models.llama import AttentionBatch, LlamaModel
+from shard.parallel import broadcast_step
 from shard.sampler import Sampled, SamplingParams, sample
 
 log = logging.getLogger("sluice.engine")
@@ -157,26 +158,45 @@ class EngineConfig:
     max_batch_tokens: int = 512  # tokens per step: bounds how long a long prompt stalls decodes
 
 
+def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # One K and one V tensor per layer (not one big tensor): writes stay in place. Each
+    # tensor-parallel rank holds only its own KV heads.
+    cfg, w = model.cfg, model.embed_tokens
+    num_blocks = config.kv_cache_tokens // config.block_size
+    shape = (num_blocks * config.block_size, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
+    return [(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
+            for _ in range(cfg.num_layers)]
+
+
+def run_worker(model: LlamaModel, config: EngineConfig) -> None:
+    """Tensor-parallel ranks other than 0: run every step rank 0 broadcasts, on this rank's slice."""
+    kv_caches = allocate_kv_caches(model, config)
+    torch.set_grad_enabled(False)
+    while (step := broadcast_step(None)) is not None:
+        ids, positions, batch, rows = step
+        hidden = model(ids, positions, batch, kv_caches)
+        if rows:
+            model.logits(hidden[rows])  # joins the vocabulary all-gather; rank 0 samples
+
+
 class Engine:
     def __init__(self, model: LlamaModel, config: EngineConfig, eos_token_ids: list[int]) -> None:
         self.model = model
         self.config = config
         self.eos = frozenset(eos_token_ids)
-        cfg = model.cfg
-        dtype = model.embed_tokens.dtype
+        self.device = model.embed_tokens.device
         num_blocks = config.kv_cache_tokens // config.block_size
-        kv_heads = model.tp.kv_heads_per_rank(cfg.num_kv_heads)
-        shape = (num_blocks * config.block_size, kv_heads, cfg.head_dim)
-        # One K and one V tensor per layer (not one big tensor): writes stay in place.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_layers)]
+        self.kv_caches = allocate_kv_caches(model, config)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_batch_tokens)
-        self.max_seq_len = min(cfg.max_position_embeddings, num_blocks * config.block_size)
+        self.max_seq_len = min(model.cfg.max_position_embeddings, num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.failed: str | None = None  # set when the tensor-parallel group broke: the shard is unhealthy
+        self.on_fatal: Callable[[str], None] | None = None
 
     # --- called from other threads -------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -200,6 +220,14 @@ class Engine:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
+        if self.model.tp.size > 1 and self.failed is None:
+            broadcast_step(None)  # release the other ranks
+
+    def fail_all(self, message: str) -> None:
+        """Give every in-flight request an error (used when a tensor-parallel rank died)."""
+        self.failed = message
+        for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
+            seq.on_event("error", message)
 
     def stats(self) -> tuple[int, int, int]:
         """(running, waiting, free KV blocks), read without locks: a snapshot for /health."""
@@ -221,6 +249,12 @@ class Engine:
                 self.step()
             except Exception as exc:  # a failed step fails its batch, never the process
                 log.exception("engine step failed")
+                if self.model.tp.size > 1:
+                    # The ranks may now disagree about the step they are in: the group is broken.
+                    self.fail_all(f"tensor-parallel step failed: {exc}")
+                    if self.on_fatal:
+                        self.on_fatal(str(exc))
+                    return
                 for seq in list(self.scheduler.running):
                     self.scheduler.remove(seq)
                     seq.on_event("error", f"{type(exc).__name__}: {exc}")
@@ -231,11 +265,14 @@ class Engine:
             time.sleep(0.001)  # nothing fits yet (KV full of waiting prompts): let cancels land
             return
         ids, positions, batch, sample_rows = self._prepare(scheduled)
+        rows = [r for r in sample_rows if r is not None]
+        if self.model.tp.size > 1:
+            broadcast_step((ids, positions, batch, rows))
         hidden = self.model(ids, positions, batch, self.kv_caches)
         samplers = [seq for (seq, n), row in zip(scheduled, sample_rows) if row is not None]
         results: list[Sampled] = []
         if samplers:
-            logits = self.model.logits(hidden[[r for r in sample_rows if r is not None]])
+            logits = self.model.logits(hidden[rows]).cpu()
             results = sample(
                 logits,
                 [s.params for s in samplers],
@@ -295,4 +332,7 @@ class Engine:
             q_pos = torch.tensor([seq.num_computed for seq, _ in scheduled]).unsqueeze(1) + qi  # [B, Qm]
             mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
         batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
+        if self.device.type != "cpu":
+            batch = AttentionBatch(*(None if t is None else t.to(self.device, non_blocking=True) for t in vars(batch).values()))
+            return torch.tensor(ids, device=self.device), pos_t.to(self.device), batch, sample_rows
         return torch.tensor(ids), pos_t, batch, sample_rows

@@ -51,3 +51,29 @@ def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, size: 
             f"cannot split the model {size} ways: {num_heads} attention heads, {num_kv_heads} KV heads "
             f"and MLP width {intermediate} must each divide evenly; --num-shard can be one of {good}"
         )
+
+
+def init_group(rank: int, world_size: int, master_addr: str, master_port: int, backend: str | None = None) -> TPGroup:
+    """Join the tensor-parallel group: gloo on CPU, NCCL when CUDA is there (overridable)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    # Idle ranks wait in a broadcast for the next step: the timeout must outlast any idle spell.
+    dist.init_process_group(
+        backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(days=365),
+    )
+    return TPGroup(rank, world_size)
+
+
+def broadcast_step(payload: object) -> object:
+    """Rank 0 sends this step's inputs (or None: shut down); the other ranks receive them."""
+    import torch.distributed as dist
+
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 import torch
 
-from shard.engine import FINISH_EOS, Engine, EngineConfig, Sequence
-from shard.models.loader import load_model
+from shard.engine import FINISH_EOS, Engine, EngineConfig, Sequence, run_worker
+from shard.models.loader import load_model, model_config
+from shard.parallel import TPGroup, check_divisible, init_group
 from shard.sampler import Sampled, SamplingParams
 from sluice import shard_pb2 as pb
 from sluice import shard_pb2_grpc as pb_grpc
@@ -37,6 +43,9 @@ class ShardSettings:
     max_batch_size: int = 64
     max_batch_prefill_tokens: int = 512
     num_threads: int | None = None
+    num_shard: int = 1
+    device: str = "auto"  # cpu, cuda, or auto (cuda when there is one)
+    backend: str | None = None  # torch.distributed backend; default gloo on CPU, nccl on CUDA
 
 
 class ShardService(pb_grpc.ShardServicer):
@@ -50,7 +59,7 @@ class ShardService(pb_grpc.ShardServicer):
         return pb.InfoResponse(
             model_id=self.source.model_id,
             dtype=self.settings.dtype,
-            device="cpu",
+            device=str(self.engine.device),
             num_shard=self.engine.model.tp.size,
             max_position_embeddings=self.engine.max_seq_len,
             vocab_size=cfg.vocab_size,
@@ -62,7 +71,7 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         running, waiting, free = self.engine.stats()
-        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        alive = self.engine._thread is not None and self.engine._thread.is_alive() and self.engine.failed is None
         return pb.HealthResponse(ok=alive, running=running, waiting=waiting, free_kv_blocks=free)
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -125,26 +134,108 @@ def _token(s: Sampled) -> pb.Token:
     return pb.Token(id=s.token_id, logprob=s.logprob, top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in s.top])
 
 
-def build_engine(settings: ShardSettings, source: ModelSource, tp=None) -> Engine:
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    t0 = time.time()
-    model = load_model(source, DTYPES[settings.dtype], tp)
-    log.info("loaded %s (%s) in %.1fs", source.model_id, settings.dtype, time.time() - t0)
-    config = EngineConfig(
+def _device(settings: ShardSettings, tp: TPGroup) -> str:
+    if settings.device == "auto":
+        return f"cuda:{tp.rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return settings.device
+
+
+def _engine_config(settings: ShardSettings) -> EngineConfig:
+    return EngineConfig(
         kv_cache_tokens=settings.kv_cache_tokens,
         block_size=settings.block_size,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_prefill_tokens,
     )
-    return Engine(model, config, model.cfg.eos_token_ids)
 
 
-async def serve(settings: ShardSettings, source: ModelSource) -> None:
-    engine = build_engine(settings, source)
+def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
+    if settings.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    elif tp.size > 1 and not torch.cuda.is_available():
+        # Ranks on one host share its cores: oversubscribed OpenMP threads stall every collective.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
+    t0 = time.time()
+    model = load_model(source, DTYPES[settings.dtype], tp, _device(settings, tp))
+    log.info("rank %d/%d loaded %s (%s) in %.1fs", tp.rank, tp.size, source.model_id, settings.dtype, time.time() - t0)
+    return model
+
+
+def build_engine(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = None) -> Engine:
+    model = _load(settings, source, tp or TPGroup())
+    return Engine(model, _engine_config(settings), model.cfg.eos_token_ids)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(settings: ShardSettings, source: ModelSource) -> None:
+    """Start this shard: one process, or a tensor-parallel group of `num_shard` ranks.
+
+    Launched by hand (no RANK in the environment), rank 0 spawns ranks 1..N-1 on this host.
+    Under a multi-host launcher, RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT say where we are.
+    """
+    world = int(os.environ.get("WORLD_SIZE", settings.num_shard))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1:
+        cfg = model_config(source)
+        check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, world)
+    children: list[subprocess.Popen] = []
+    if world > 1 and "RANK" not in os.environ:
+        env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(env)
+        for r in range(1, world):
+            children.append(subprocess.Popen([sys.executable, "-m", "sluice", *sys.argv[1:]],
+                                             env=dict(env, RANK=str(r)), preexec_fn=_die_with_parent))
+    tp = TPGroup()
+    if world > 1:
+        tp = init_group(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), settings.backend)
+    if rank != 0:
+        run_worker(_load(settings, source, tp), _engine_config(settings))
+        return
+    asyncio.run(serve(settings, source, tp, children))
+
+
+def _watch_ranks(engine: Engine, children: list[subprocess.Popen]) -> None:
+    # One rank gone breaks every collective: fail the in-flight requests with a clear error,
+    # then take the whole group down (the launcher or Kubernetes restarts it).
+    while True:
+        for r, child in enumerate(children, start=1):
+            code = child.poll()
+            if code is not None and not engine._stop:
+                log.error("shard rank %d exited with code %s: stopping the group", r, code)
+                engine.fail_all(f"shard rank {r} died (exit code {code})")
+                time.sleep(1.0)  # let the error events reach the router
+                os._exit(1)
+        time.sleep(0.2)
+
+
+async def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = None,
+                children: list[subprocess.Popen] | None = None) -> None:
+    engine = build_engine(settings, source, tp)
+
+    def fatal(message: str) -> None:
+        time.sleep(1.0)
+        os._exit(1)
+
+    engine.on_fatal = fatal
     engine.start()
+    if children:
+        threading.Thread(target=_watch_ranks, args=(engine, children), daemon=True).start()
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ShardServicer_to_server(ShardService(engine, source, settings), server)
     try:
@@ -162,3 +253,5 @@ async def serve(settings: ShardSettings, source: ModelSource) -> None:
     await stop.wait()
     await server.stop(grace=2)
     engine.stop()
+    for child in children or []:
+        child.wait(timeout=10)

@@ -5,7 +5,6 @@ Flags use TGI's names; each also answers to its underscore spelling (`--max_conc
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shutil
@@ -38,7 +37,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 def _shard_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--dtype", default=os.environ.get("DTYPE", "bfloat16"), choices=["bfloat16", "float32", "float16"])
-    _add(p, "--num-shard", type=int, default=_env_int("NUM_SHARD", 1), help="tensor-parallel processes (1 for now)")
+    _add(p, "--num-shard", type=int, default=_env_int("NUM_SHARD", 1),
+         help="tensor-parallel processes holding one copy of the model between them")
+    _add(p, "--device", default=os.environ.get("DEVICE", "auto"), help="cpu, cuda or auto")
     _add(p, "--max-batch-total-tokens", type=int, default=_env_int("MAX_BATCH_TOTAL_TOKENS", 32768),
          help="KV cache capacity in tokens, shared by all running sequences")
     _add(p, "--max-batch-prefill-tokens", type=int, default=_env_int("MAX_BATCH_PREFILL_TOKENS", 512),
@@ -100,11 +101,10 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> None:
-    from shard.server import ShardSettings, serve
+    from shard.server import ShardSettings, main
 
-    if args.num_shard != 1:
-        raise SystemExit("sluice: --num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
     source = _resolve_or_exit(args.model_id)
+    _check_split(source, args.num_shard)
     address = f"unix://{args.shard_uds_path}" if args.shard_uds_path else args.address
     settings = ShardSettings(
         model_id=args.model_id,
@@ -114,9 +114,11 @@ def run_shard(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
         num_threads=args.num_threads,
+        num_shard=args.num_shard,
+        device=args.device,
     )
     try:
-        asyncio.run(serve(settings, source))
+        main(settings, source)
     except (ValueError, OSError) as exc:
         raise SystemExit(f"sluice shard: cannot load {source.model_id}: {exc}") from None
 
@@ -204,11 +206,22 @@ class ShardSupervisor:
                 self.proc.kill()
 
 
+def _check_split(source, num_shard: int) -> None:
+    if num_shard > 1:
+        from shard.models.loader import model_config
+        from shard.parallel import check_divisible
+
+        cfg = model_config(source)
+        try:
+            check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, num_shard)
+        except ValueError as exc:
+            raise SystemExit(f"sluice: {exc}") from None
+
+
 def run_serve(args: argparse.Namespace) -> None:
-    if args.num_shard != 1:
-        raise SystemExit("sluice: --num-shard > 1 (tensor parallelism) is not available yet; use --num-shard 1")
     _check_port(args.hostname, args.port)
     source = _resolve_or_exit(args.model_id)
+    _check_split(source, args.num_shard)
     tmp = None
     if args.shard_uds_path:
         uds = args.shard_uds_path
@@ -219,7 +232,8 @@ def run_serve(args: argparse.Namespace) -> None:
     argv = [sys.executable, "-m", "sluice", "shard", "--address", address, "--dtype", args.dtype,
             "--max-batch-total-tokens", str(args.max_batch_total_tokens),
             "--max-batch-prefill-tokens", str(args.max_batch_prefill_tokens),
-            "--max-batch-size", str(args.max_batch_size)]
+            "--max-batch-size", str(args.max_batch_size), "--num-shard", str(args.num_shard),
+            "--device", args.device]
     if args.model_id:
         argv += ["--model-id", str(source.path)]
     if args.num_threads:

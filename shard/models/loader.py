@@ -23,15 +23,21 @@ from sluice.modelfiles import ModelSource
 Getter = Callable[[str], "torch.Tensor | None"]
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = None) -> LlamaModel:
+def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = None, device: str = "cpu") -> LlamaModel:
     tp = tp or TPGroup()
     cfg, get = _open_gguf(source.path) if source.is_gguf else _open_hf(source.path)
     check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp.size)
     with init_empty_weights(include_buffers=False):
         model = LlamaModel(cfg, tp)
     for name, tensor in _rank_weights(cfg, tp, get):
-        set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
+        set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+    model.inv_freq = model.inv_freq.to(device)
     return model.eval().requires_grad_(False)
+
+
+def model_config(source: ModelSource) -> LlamaConfig:
+    """The architecture alone (no weights read): to check a split before starting any rank."""
+    return (_open_gguf(source.path) if source.is_gguf else _open_hf(source.path))[0]
 
 
 def _rank_weights(cfg: LlamaConfig, tp: TPGroup, get: Getter) -> Iterator[tuple[str, torch.Tensor]]:
