@@ -1,0 +1,175 @@
+"""Decode speed, side by side in one run: Sluice through the full HTTP path vs `transformers` generate.
+
+    python bench/bench_serving.py [--tokens 128] [--streams 8] [--dtype bfloat16]
+
+Starts `sluice serve` on a free port (embedded SmolLM2 unless --model-id), streams from
+/generate_stream with real HTTP clients, and prints one table with ratios. Numbers depend on the
+machine and on what else runs on it: run it on a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a steam engine works, step by step.",
+    "Describe the history of the printing press at length.",
+    "Write a detailed travel guide to Nuremberg, Germany.",
+    "Explain how vaccines train the immune system, with examples.",
+    "Write a long poem about autumn in the mountains.",
+    "Describe how to bake sourdough bread from scratch, in detail.",
+    "Explain the rules of chess to a beginner, thoroughly.",
+]
+
+
+def chat_prompt(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_once(url: str, prompt: str, max_new: int) -> dict:
+    """One /generate_stream request; token arrival times as the client sees them."""
+    t0 = time.perf_counter()
+    stamps = []
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new, "do_sample": False}}
+    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                assert "error" not in event, event
+                stamps.append(time.perf_counter())
+    return {"start": t0, "stamps": stamps}
+
+
+def run_streams(url: str, n: int, max_new: int) -> dict:
+    results: list[dict] = [None] * n  # type: ignore[list-item]
+
+    def work(i: int) -> None:
+        results[i] = stream_once(url, chat_prompt(PROMPTS[i % len(PROMPTS)]), max_new)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r["stamps"]) for r in results)
+    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
+    ttft = [r["stamps"][0] - r["start"] for r in results]
+    return {
+        "streams": n,
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tok_s": tokens / wall,
+        "per_stream_decode_tok_s": statistics.mean(
+            (len(r["stamps"]) - 1) / (r["stamps"][-1] - r["stamps"][0]) for r in results
+        ),
+        "ttft_ms_p50": 1000 * statistics.median(ttft),
+        "itl_ms_p50": 1000 * statistics.median(itl),
+    }
+
+
+def transformers_decode(model_path: Path, dtype_name: str, max_new: int) -> float:
+    """Batch-1 decode tokens/s of transformers `generate` on the same weights (prefill excluded)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, dtype_name)
+    kw = {"gguf_file": model_path.name} if model_path.suffix == ".gguf" else {}
+    folder = model_path.parent if model_path.suffix == ".gguf" else model_path
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+    ids = tok(chat_prompt(PROMPTS[0]), return_tensors="pt").input_ids
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+        total = time.perf_counter() - t0
+    return (max_new - 1) / (total - prefill)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--model-id", default=None)
+    ap.add_argument("--num-shard", type=int, default=1)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(ROOT))
+    from sluice.modelfiles import resolve
+
+    source = resolve(args.model_id)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    tmp = tempfile.mkdtemp()
+    cmd = [sys.executable, "-m", "sluice", "serve", "--port", str(port), "--hostname", "127.0.0.1",
+           "--dtype", args.dtype, "--shard-uds-path", f"{tmp}/shard.sock", "--num-shard", str(args.num_shard)]
+    if args.model_id:
+        cmd += ["--model-id", args.model_id]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        run_streams(url, 1, 16)  # warm-up
+        one = run_streams(url, 1, args.tokens)
+        many = run_streams(url, args.streams, args.tokens)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    hf32 = transformers_decode(source.path, "float32", args.tokens)
+    hf16 = transformers_decode(source.path, "bfloat16", args.tokens)
+
+    print(f"\nSmolLM2 decode on this machine ({os.cpu_count()} cores), {args.tokens} new tokens, sluice {args.dtype}, "
+          f"num_shard={args.num_shard}")
+    print(f"{'':40s}{'tok/s':>10s}{'ratio':>10s}")
+    rows = [
+        ("transformers generate fp32, batch 1", hf32, hf32),
+        ("transformers generate bf16, batch 1", hf16, hf32),
+        ("sluice HTTP, 1 stream (decode)", one["per_stream_decode_tok_s"], hf32),
+        ("sluice HTTP, 1 stream (aggregate)", one["aggregate_tok_s"], hf32),
+        (f"sluice HTTP, {args.streams} streams (aggregate)", many["aggregate_tok_s"], hf32),
+    ]
+    for name, value, base in rows:
+        print(f"{name:40s}{value:10.1f}{value / base:9.2f}x")
+    print(f"\n{args.streams} streams vs 1 stream, aggregate: {many['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}x")
+    print(f"1 stream:  TTFT p50 {one['ttft_ms_p50']:.0f} ms, ITL p50 {one['itl_ms_p50']:.1f} ms")
+    print(f"{args.streams} streams: TTFT p50 {many['ttft_ms_p50']:.0f} ms, ITL p50 {many['itl_ms_p50']:.1f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"one": one, "many": many, "hf_fp32": hf32, "hf_bf16": hf16}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
