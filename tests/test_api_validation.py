@@ -1,0 +1,93 @@
+"""Bad input gets 422 with `error_type: validation` before any byte of a stream, and the server goes on."""
+import httpx
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError, ValidationError
+
+USER = [{"role": "user", "content": "Hi"}]
+LONG = "word " * 1500  # over the default max_input_tokens (1024)
+
+CASES = [
+    # (route, body, a word the message must contain)
+    ("/generate", {"inputs": ""}, "inputs"),
+    ("/generate", {"parameters": {"max_new_tokens": 5}}, "inputs"),
+    ("/generate", {"inputs": 5}, "inputs"),
+    ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 0}}, "max_new_tokens"),
+    ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": -3}}, "max_new_tokens"),
+    ("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 100000}}, "max_total_tokens"),
+    ("/generate", {"inputs": LONG, "parameters": {"max_new_tokens": 5}}, "max_input_tokens"),
+    ("/generate", {"inputs": "Hi", "parameters": {"temperature": -0.5}}, "temperature"),
+    ("/generate", {"inputs": "Hi", "parameters": {"top_p": 0}}, "top_p"),
+    ("/generate", {"inputs": "Hi", "parameters": {"top_p": 1.5}}, "top_p"),
+    ("/generate", {"inputs": "Hi", "parameters": {"top_k": -1}}, "top_k"),
+    ("/generate", {"inputs": "Hi", "parameters": {"repetition_penalty": 0}}, "repetition_penalty"),
+    ("/generate", {"inputs": "Hi", "parameters": {"stop": ["a", "b", "c", "d", "e"]}}, "stop"),
+    ("/generate", {"inputs": "Hi", "parameters": {"best_of": 2}}, "best_of"),
+    ("/generate", {"inputs": "Hi", "parameters": {"top_n_tokens": 50}}, "top tokens"),
+    ("/generate_stream", {"inputs": ""}, "inputs"),
+    ("/generate_stream", {"inputs": "Hi", "parameters": {"temperature": -1}}, "temperature"),
+    ("/", {"inputs": "", "stream": True}, "inputs"),
+    ("/v1/chat/completions", {"model": "tgi"}, "messages"),
+    ("/v1/chat/completions", {"messages": "Hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "Hi"}]}, "role"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}]}, "role"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 100000}, "max_total_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "max_input_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {"messages": USER, "top_p": 2}, "top_p"),
+    ("/v1/chat/completions", {"messages": USER, "n": 2}, "n > 1"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "stream": True, "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "stream": True, "temperature": -2}, "temperature"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/tokenize", {"inputs": 3}, "inputs"),
+]
+
+
+@pytest.mark.parametrize("route,body,word", CASES, ids=[f"{r}:{w}:{i}" for i, (r, _, w) in enumerate(CASES)])
+def test_bad_body(server, route, body, word):
+    r = httpx.post(server + route, json=body, timeout=30)
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/json"
+    out = r.json()
+    assert out["error_type"] == "validation"
+    assert word in out["error"], out["error"]
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"])
+def test_malformed_json_and_wrong_content_type(server, route):
+    broken = httpx.post(server + route, content=b'{"inputs": "Hi",', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["error_type"] == "validation"
+    assert "JSON" in broken.json()["error"]
+    form = httpx.post(server + route, data={"inputs": "Hi"})
+    assert form.status_code == 422 and "Content-Type" in form.json()["error"]
+    not_object = httpx.post(server + route, json=["Hi"])
+    assert not_object.status_code == 422
+
+
+def test_server_serves_after_bad_input(server):
+    for route, body, _ in CASES[:5]:
+        httpx.post(server + route, json=body)
+    r = httpx.post(server + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=60)
+    assert r.status_code == 200 and r.json()["generated_text"]
+
+
+def test_clients_raise_clear_errors(server):
+    client = InferenceClient(base_url=server)
+    with pytest.raises(ValidationError, match="temperature"):
+        client.text_generation("Hi", max_new_tokens=5, temperature=-1.0, stream=True)
+    with pytest.raises(HfHubHTTPError, match="unknown role") as info:
+        client.chat.completions.create(messages=[{"role": "wizard", "content": "Hi"}], stream=True)
+    assert info.value.response.status_code == 422
+    oai = openai.OpenAI(base_url=server + "/v1", api_key="-", max_retries=0)
+    # TGI's flat error shape on every route (as TGI itself answers on /v1): the SDK puts the message in
+    # `.body` rather than in str(error).
+    with pytest.raises(openai.UnprocessableEntityError) as error:
+        oai.chat.completions.create(model="tgi", messages=USER, n=2)
+    assert "n > 1" in error.value.body

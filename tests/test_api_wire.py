@@ -1,0 +1,145 @@
+"""What goes over the wire: SSE framing seen by curl, TGI shapes over raw HTTP, and the service routes."""
+import json
+import subprocess
+
+import httpx
+import pytest
+
+N = 12
+CHAT_BODY = {"model": "tgi", "messages": [{"role": "user", "content": "What is deep learning?"}],
+             "stream": True, "max_tokens": N}
+
+
+def curl_stream(url: str, body: dict) -> str:
+    out = subprocess.run(["curl", "-sN", "--fail-with-body", url, "-H", "Content-Type: application/json",
+                          "-d", json.dumps(body)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def sse_payloads(raw: str) -> list[str]:
+    """Checks the framing (each event: one `data: ` line, then a blank line) and returns the payloads."""
+    assert raw.endswith("\n\n")
+    events = raw[:-2].split("\n\n")
+    for event in events:
+        assert event.startswith("data: ") and "\n" not in event, repr(event)
+    return [e[len("data: "):] for e in events]
+
+
+def test_curl_chat_stream_wire_format(server):
+    payloads = sse_payloads(curl_stream(server + "/v1/chat/completions", CHAT_BODY))
+    assert payloads[-1] == "[DONE]" and "[DONE]" not in payloads[:-1]
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all("error" not in c for c in chunks)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) > 1
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_curl_completions_carry_tgi_tokens(server):
+    body = {"model": server, "prompt": "Deep learning is", "max_tokens": N, "stream": True, "temperature": 0}
+    payloads = sse_payloads(curl_stream(server + "/v1/completions", body))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all("error" not in c for c in chunks)
+    assert all(c["token"]["text"] == c["choices"][0]["text"] for c in chunks)
+    assert chunks[-1]["generated_text"] == "".join(c["token"]["text"] for c in chunks)
+
+
+def test_curl_tgi_stream_has_no_done(server):
+    body = {"inputs": "Deep learning is", "parameters": {"max_new_tokens": N, "details": True}}
+    payloads = sse_payloads(curl_stream(server + "/generate_stream", body))
+    events = [json.loads(p) for p in payloads]  # no [DONE]: TGI streams just end
+    assert all(set(e) == {"index", "token", "generated_text", "details"} for e in events)
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert set(events[-1]["token"]) == {"id", "text", "logprob", "special"}
+    assert events[-1]["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert events[-1]["details"]["generated_tokens"] == len(events)
+
+
+def test_sse_headers(server):
+    with httpx.stream("POST", server + "/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        assert r.headers["x-accel-buffering"] == "no"
+        r.read()
+
+
+def test_tgi_generate_and_compat_route(server):
+    body = {"inputs": "Deep learning is", "parameters": {"max_new_tokens": N, "details": True,
+                                                          "decoder_input_details": True}}
+    out = httpx.post(server + "/generate", json=body, timeout=60).json()
+    d = out["details"]
+    assert d["finish_reason"] in ("length", "eos_token") and d["generated_tokens"] == len(d["tokens"])
+    assert d["prefill"] == [] and d["seed"] is None
+    assert "".join(t["text"] for t in d["tokens"]) == out["generated_text"]
+    compat = httpx.post(server + "/", json={**body, "stream": False}, timeout=60).json()
+    assert compat == [out]
+    streamed = httpx.post(server + "/", json={**body, "stream": True}, timeout=60)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    last = json.loads(sse_payloads(streamed.text)[-1])
+    assert last["generated_text"] == out["generated_text"]
+    full = httpx.post(server + "/generate", json={"inputs": "Deep learning is", "parameters": {
+        "max_new_tokens": N, "return_full_text": True}}, timeout=60).json()
+    assert full["generated_text"] == "Deep learning is" + out["generated_text"]
+
+
+def test_tgi_stop_sequence_keeps_the_match(server):
+    text = httpx.post(server + "/generate", json={"inputs": "Deep learning is", "parameters": {"max_new_tokens": N}},
+                      timeout=60).json()["generated_text"]
+    stop = text[4:7]
+    out = httpx.post(server + "/generate", json={"inputs": "Deep learning is", "parameters": {
+        "max_new_tokens": N, "stop": [stop], "details": True}}, timeout=60).json()
+    assert out["details"]["finish_reason"] == "stop_sequence"
+    # TGI stops after the token that completes the match and keeps the whole token.
+    tokens = out["details"]["tokens"]
+    assert stop in out["generated_text"] and stop not in out["generated_text"][: -len(tokens[-1]["text"])]
+    assert text.startswith(out["generated_text"])
+
+
+def test_truncate_keeps_the_end_of_the_input(server):
+    body = {"inputs": "one two three four five six seven eight nine ten",
+            "parameters": {"max_new_tokens": 2, "truncate": 3, "details": True}}
+    out = httpx.post(server + "/generate_stream", json=body, timeout=60)
+    assert json.loads(sse_payloads(out.text)[-1])["details"]["input_length"] == 3
+
+
+def test_info_health_models(server):
+    info = httpx.get(server + "/info").json()
+    assert info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert info["model_dtype"] in ("bfloat16", "torch.bfloat16")
+    assert info["max_concurrent_requests"] == 16
+    assert info["max_input_tokens"] < info["max_total_tokens"]
+    assert info["num_shard"] == 1 and info["router"] == "sluice" and info["version"]
+    health = httpx.get(server + "/health")
+    assert health.status_code == 200 and health.json()["shards"][0]["ok"]
+    models = httpx.get(server + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == info["model_id"]
+
+
+def test_tokenize(server):
+    text = "Héllo world"
+    tokens = httpx.post(server + "/tokenize", json={"inputs": text}).json()
+    assert "".join(t["text"] for t in tokens) == text
+    assert all(text[t["start"]:t["stop"]] == t["text"] and isinstance(t["id"], int) for t in tokens)
+
+
+def test_metrics(server):
+    httpx.post(server + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}, timeout=60)
+    text = httpx.get(server + "/metrics").text
+    for name in ("sluice_requests_total", "sluice_requests_in_flight", "sluice_queue_size",
+                 "sluice_time_to_first_token_seconds_bucket", "sluice_inter_token_latency_seconds_bucket",
+                 "sluice_generated_tokens_bucket", "sluice_request_duration_seconds_bucket"):
+        assert name in text, name
+    assert 'sluice_requests_total{route="/generate",status="200"}' in text
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
+def test_api_description(server, path):
+    r = httpx.get(server + path)
+    assert r.status_code == 200
+    if path == "/openapi.json":
+        assert "/v1/chat/completions" in r.json()["paths"]
