@@ -1,0 +1,81 @@
+"""API key, and a shard that dies mid-stream: the client gets an error event, the router keeps serving."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import GenerationError
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def wait_healthy(url: str) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while httpx.get(url + "/health").status_code != 200:
+        assert time.monotonic() < deadline, "the shard did not come back"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    from conftest import Server
+
+    srv = Server(tmp_path_factory.mktemp("keyed"), api_key=KEY)
+    yield srv
+    srv.stop()
+
+
+def test_api_key(keyed):
+    url = keyed.url
+    denied = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    assert denied.status_code == 401 and denied.json()["error_type"] == "authentication"
+    assert httpx.get(url + "/info").status_code == 401
+    assert httpx.get(url + "/health").status_code == 200  # probes carry no key
+    ok = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, headers=AUTH,
+                    timeout=60)
+    assert ok.status_code == 200
+    assert InferenceClient(base_url=url, api_key=KEY).text_generation("Hi", max_new_tokens=2) == ok.json()["generated_text"]
+    oai = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    assert oai.models.list().data[0].id
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the shard process")
+def test_shard_death_mid_stream(keyed):
+    url = keyed.url
+    shard = children(keyed.proc.pid)
+    assert len(shard) == 1
+    body = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 200}}
+    with httpx.stream("POST", url + "/generate_stream", json=body, headers=AUTH, timeout=120) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(lines).removeprefix("data: "))
+        assert first["token"]["text"] is not None
+        os.kill(shard[0], signal.SIGKILL)
+        events = [json.loads(line.removeprefix("data: ")) for line in lines if line]
+    assert events[-1]["error_type"] == "generation" and events[-1]["error"]
+    assert all("error" not in e for e in events[:-1])
+    assert keyed.metrics()["sluice_requests_in_flight"] == 0
+
+    wait_healthy(url)  # `sluice serve` restarts its shard; the router reconnects by itself
+    client = InferenceClient(base_url=url, api_key=KEY)
+    assert client.text_generation("Hi", max_new_tokens=3)
+    stream = client.text_generation("1, 2, 3,", max_new_tokens=200, stream=True)
+    next(iter(stream))
+    os.kill(children(keyed.proc.pid)[0], signal.SIGKILL)
+    with pytest.raises(GenerationError):
+        for _ in stream:
+            pass
+    wait_healthy(url)
