@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -19,13 +20,16 @@ def children(pid: int) -> list[int]:
     return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
 
 
-def wait_healthy(url: str) -> None:
-    import time
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    """Poll for a state the server reaches on its own; not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the server did not reach the expected state"
+        time.sleep(0.1)
 
-    deadline = time.monotonic() + 120
-    while httpx.get(url + "/health").status_code != 200:
-        assert time.monotonic() < deadline, "the shard did not come back"
-        time.sleep(0.2)
+
+def wait_healthy(url: str) -> None:
+    wait_for(lambda: httpx.get(url + "/health").status_code == 200)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,26 @@ def test_shard_death_mid_stream(keyed):
         for _ in stream:
             pass
     wait_healthy(url)
+
+
+def test_disconnect_while_queued_cancels_at_once(start_server):
+    """A stream that has no token to send (queued behind another in the engine) still notices its client
+    leaving: the router listens for the disconnect itself instead of waiting for the next send."""
+    url = start_server(max_batch_size=1, max_concurrent_requests=4)
+
+    def shards() -> dict:
+        return httpx.get(url + "/health").json()["shards"][0]
+
+    client = httpx.Client(timeout=120)
+    body = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 300}}
+    running = client.send(client.build_request("POST", url + "/generate_stream", json=body), stream=True)
+    running_lines = running.iter_lines()
+    next(running_lines)
+    queued = client.send(client.build_request("POST", url + "/generate_stream", json=body), stream=True)
+    assert queued.status_code == 200  # headers go out before the first token
+    wait_for(lambda: shards()["waiting"] == 1)
+    queued.close()
+    wait_for(lambda: shards()["waiting"] == 0)
+    assert shards()["running"] == 1  # the first stream is still generating: the cancel did not wait for it
+    running.close()
+    wait_for(lambda: shards()["running"] == 0)
