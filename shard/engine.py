@@ -30,7 +30,7 @@ FINISH_LENGTH, FINISH_EOS = "length", "eos"
 
 class Sequence:
     """One request inside the engine. `on_event(kind, value)` is called from the engine thread:
-    ("token", Sampled), ("finish", reason) or ("error", message)."""
+    ("token", Sampled) (the last one has `finish` set) or ("error", message)."""
 
     def __init__(
         self,
@@ -288,15 +288,13 @@ class Engine:
 
     def _append(self, seq: Sequence, res: Sampled) -> None:
         seq.token_ids.append(res.token_id)
-        seq.on_event("token", res)
-        reason = None
         if res.token_id in seq.stop_token_ids or (res.token_id in self.eos and not seq.ignore_eos):
-            reason = FINISH_EOS
+            res.finish = FINISH_EOS
         elif seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_seq_len:
-            reason = FINISH_LENGTH
-        if reason:
+            res.finish = FINISH_LENGTH
+        if res.finish:
             self.scheduler.remove(seq)
-            seq.on_event("finish", reason)
+        seq.on_event("token", res)  # the last token carries its finish reason: one message, not two
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]):
         """Flatten the step's tokens and build the attention gather/mask for the whole batch."""

@@ -27,6 +27,7 @@ class Sampled:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    finish: str | None = None  # set by the engine when this token ends the sequence
 
 
 def apply_penalties(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams) -> None:

@@ -116,13 +116,12 @@ class ShardService(pb_grpc.ShardServicer):
                     first = False
                 done = False
                 for kind, value in batch:
-                    if kind == "token":
-                        msg.tokens.append(_token(value))
-                    elif kind == "finish":
-                        msg.finish_reason = pb.FINISH_REASON_EOS if value == FINISH_EOS else pb.FINISH_REASON_LENGTH
-                        done = True
-                    else:
+                    if kind == "error":
                         await context.abort(grpc.StatusCode.INTERNAL, str(value))
+                    msg.tokens.append(_token(value))
+                    if value.finish:
+                        msg.finish_reason = pb.FINISH_REASON_EOS if value.finish == FINISH_EOS else pb.FINISH_REASON_LENGTH
+                        done = True
                 yield msg
                 if done:
                     return

@@ -27,9 +27,9 @@ def run(model, prompts, config: EngineConfig, params=None, max_new=20):
 
     def listener(i):
         def on_event(kind, value):
-            if kind == "token":
-                outs[i].append(value.token_id)
-            else:
+            assert kind == "token", value
+            outs[i].append(value.token_id)
+            if value.finish:
                 finished.release()
         return on_event
 
