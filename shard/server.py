@@ -22,7 +22,7 @@ import torch
 
 from shard.engine import FINISH_EOS, Engine, EngineConfig, Sequence, run_worker
 from shard.models.loader import load_model, model_config
-from shard.parallel import TPGroup, check_divisible, init_group
+from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
 from shard.sampler import Sampled, SamplingParams
 from sluice import shard_pb2 as pb
 from sluice import shard_pb2_grpc as pb_grpc
@@ -71,8 +71,7 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         running, waiting, free = self.engine.stats()
-        alive = self.engine._thread is not None and self.engine._thread.is_alive() and self.engine.failed is None
-        return pb.HealthResponse(ok=alive, running=running, waiting=waiting, free_kv_blocks=free)
+        return pb.HealthResponse(ok=self.engine.alive(), running=running, waiting=waiting, free_kv_blocks=free)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         loop = asyncio.get_running_loop()
@@ -206,7 +205,7 @@ def main(settings: ShardSettings, source: ModelSource) -> None:
     if rank != 0:
         run_worker(_load(settings, source, tp), _engine_config(settings))
         return
-    asyncio.run(serve(settings, source, tp, children))
+    serve(settings, source, tp, children)
 
 
 def _watch_ranks(engine: Engine, children: list[subprocess.Popen]) -> None:
@@ -223,8 +222,9 @@ def _watch_ranks(engine: Engine, children: list[subprocess.Popen]) -> None:
         time.sleep(0.2)
 
 
-async def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = None,
-                children: list[subprocess.Popen] | None = None) -> None:
+def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = None,
+          children: list[subprocess.Popen] | None = None) -> None:
+    """Serve gRPC from a background thread while the engine loop owns the main thread."""
     engine = build_engine(settings, source, tp)
 
     def fatal(message: str) -> None:
@@ -232,25 +232,43 @@ async def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None
         os._exit(1)
 
     engine.on_fatal = fatal
-    engine.start()
+    ready = threading.Event()
+    box: dict = {}
+    grpc_thread = threading.Thread(target=lambda: asyncio.run(_serve_grpc(engine, source, settings, ready, box)),
+                                   name="grpc", daemon=True)
+    grpc_thread.start()
+    ready.wait()
+    if "error" in box:
+        raise SystemExit(box["error"])
     if children:
         threading.Thread(target=_watch_ranks, args=(engine, children), daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: engine.stop())
+    engine.run()
+    box["loop"].call_soon_threadsafe(box["stop"].set)
+    grpc_thread.join(timeout=5)
+    if tp is not None and tp.size > 1 and engine.failed is None:
+        broadcast_step(None)  # release the other ranks
+    for child in children or []:
+        child.wait(timeout=10)
+
+
+async def _serve_grpc(engine: Engine, source: ModelSource, settings: ShardSettings,
+                      ready: threading.Event, box: dict) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ShardServicer_to_server(ShardService(engine, source, settings), server)
     try:
         port = server.add_insecure_port(settings.address)
     except RuntimeError as exc:
-        raise SystemExit(f"shard: cannot listen on {settings.address}: {exc}") from None
+        port, box["error"] = 0, f"shard: cannot listen on {settings.address}: {exc}"
     if port == 0:
-        raise SystemExit(f"shard: cannot listen on {settings.address} (in use?)")
+        box.setdefault("error", f"shard: cannot listen on {settings.address} (in use?)")
+        engine.stop()
+        ready.set()
+        return
     await server.start()
+    box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
     log.info("shard ready on %s", settings.address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    ready.set()
+    await box["stop"].wait()
     await server.stop(grace=2)
-    engine.stop()
-    for child in children or []:
-        child.wait(timeout=10)
