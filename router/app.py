@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import time
 import uuid
@@ -28,7 +29,7 @@ import sluice
 from sluice import modelfiles, shard_pb2
 
 from . import schemas
-from .asgi import Admission, ApiError, Deferred, EventStream, error_response
+from .asgi import Admission, ApiError, Deferred, EventStream, Load, error_response
 from .config import RouterSettings
 from .metrics import Metrics
 from .shards import ShardError, ShardPool
@@ -62,7 +63,7 @@ class Router:
         self.textgen: TextGenerator | None = None
 
     async def start(self) -> None:
-        self.pool = ShardPool(self.settings.shard_addresses)
+        self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
         # Converting the GGUF tokenizer takes seconds: do it while the shards load their weights.
         tokenizer_task = asyncio.create_task(asyncio.to_thread(modelfiles.load_tokenizer, self.source))
         try:
@@ -162,20 +163,46 @@ class Router:
 # ---- request parsing ----
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over `limit`: from Content-Length before
+    reading a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(raw: bytes):
+    """Strict JSON: no NaN/Infinity (Python's json takes them), valid UTF-8 (decode errors are ValueErrors),
+    bounded nesting (RecursionError), and no unpaired surrogates (a `\\ud800` escape parses, but would
+    fail later in the tokenizer or when the answer is encoded)."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant)
+        json.dumps(data, ensure_ascii=False).encode()
+    except RecursionError as exc:
+        raise ApiError(422, "the body is not valid JSON: nested too deeply") from exc
+    except UnicodeEncodeError as exc:
+        raise ApiError(422, "the body is not valid JSON: a string has an unpaired UTF-16 surrogate") from exc
+    except ValueError as exc:
+        raise ApiError(422, f"the body is not valid JSON: {exc}") from exc
+    return data
+
+
 async def parse(request: Request, model: type[BaseModel]):
     content_type = request.headers.get("content-type", "application/json")
     if "json" not in content_type:
         raise ApiError(422, f"Content-Type must be application/json, got {content_type!r}")
-    limit = request.app.state.router.settings.max_body_bytes
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise ApiError(422, f"the body is not valid JSON: {exc}") from exc
+    data = load_json(await read_body(request, router_of(request).settings.max_body_bytes))
     if not isinstance(data, dict):
         raise ApiError(422, "the body must be a JSON object")
     try:
@@ -197,8 +224,10 @@ async def collect(router: Router, job: Job, hold_back: bool) -> Generation:
     except ShardError as exc:
         if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
             raise ApiError(422, str(exc)) from exc
+        log.warning("generation failed: %s", exc)
         raise ApiError(500, str(exc), "generation") from exc
     except IncompleteGeneration as exc:
+        log.warning("generation failed: %s", exc)
         raise ApiError(500, str(exc), "incomplete_generation") from exc
     return gen
 
@@ -210,6 +239,7 @@ async def guarded(events: AsyncIterator[dict | str], done: str | None = None) ->
             yield event
     except (ShardError, IncompleteGeneration) as exc:
         kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
+        log.warning("stream failed: %s", exc)
         yield {"error": str(exc), "error_type": kind}
         if done:
             yield done
@@ -529,12 +559,14 @@ async def docs(request: Request) -> Response:
 
 
 async def on_api_error(request: Request, exc: ApiError) -> Response:
-    return error_response(exc.status, exc.message, exc.error_type)
+    # After a 413 the rest of the body is unread: close rather than read it to reach the next request.
+    return error_response(exc.status, exc.message, exc.error_type, {"Connection": "close"} if exc.status == 413 else None)
 
 
 def create_app(settings: RouterSettings) -> Starlette:
     metrics_ = Metrics()
     router = Router(settings, metrics_)
+    load = Load()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -560,9 +592,10 @@ def create_app(settings: RouterSettings) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
     app.state.router = router
+    app.state.load = load
     app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
                        generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},
-                       api_key=settings.api_key)
+                       api_key=settings.api_key, load=load)
     return app
 
 
@@ -584,10 +617,39 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(settings: RouterSettings) -> None:
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but SIGTERM drains first: the router keeps listening and answers 503 (so a load
+        balancer's probes see it) while admitted requests finish, for up to `shutdown_timeout_s`; then
+        uvicorn's own shutdown runs. SIGINT, or a second SIGTERM, still stops at once."""
+
+        drain_deadline: float | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM and self.drain_deadline is None:
+                # Not passed on to uvicorn, which would re-raise the signal after shutting down and so
+                # turn a clean drain into death by SIGTERM (exit status -15 instead of 0).
+                self.drain_deadline = time.monotonic() + settings.shutdown_timeout_s
+                load.draining = True
+                log.info("SIGTERM: draining %d request(s) in flight, for up to %.0f s",
+                         load.in_flight, settings.shutdown_timeout_s)
+                return
+            super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_deadline is not None and not self.should_exit:
+                if load.in_flight == 0 or time.monotonic() >= self.drain_deadline:
+                    if load.in_flight:
+                        log.warning("shutdown timeout: cancelling %d request(s) still in flight", load.in_flight)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
     sock = _bind(settings.hostname, settings.port)
-    config = uvicorn.Config(create_app(settings), log_level="info", timeout_graceful_shutdown=5,
+    app = create_app(settings)
+    load: Load = app.state.load
+    # log_config=None: uvicorn's loggers go through ours (the request id in every line, the access log too).
+    config = uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=5,
                             timeout_keep_alive=30)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     log.info("router listening on http://%s:%d", settings.hostname, settings.port)
     server.run(sockets=[sock])
     if not server.started:

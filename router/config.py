@@ -18,3 +18,5 @@ class RouterSettings:
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     shard_connect_timeout_s: float = 120.0
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    shard_tls_ca: str | None = None  # PEM file: talk TLS to TCP shards, trusting this CA

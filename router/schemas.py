@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Temperature = Annotated[float | None, Field(ge=0)]
 TopP = Annotated[float | None, Field(gt=0, le=1)]
-TopK = Annotated[int | None, Field(ge=0)]
+TopK = Annotated[int | None, Field(ge=0, lt=2**31)]  # a uint32 on the wire: larger ones would not fit
 Penalty = Annotated[float | None, Field(gt=0)]
 OpenAIPenalty = Annotated[float | None, Field(ge=-2, le=2)]
 NewTokens = Annotated[int | None, Field(gt=0)]
@@ -20,7 +20,8 @@ Seed = Annotated[int | None, Field(ge=0, lt=2**64)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # No inf/nan floats: JSON's 1e999 parses as inf, and an infinite temperature or penalty makes NaN logits.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 def _one_sequence(value: int | None, info) -> int | None:

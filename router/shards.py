@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from sluice import shard_pb2, shard_pb2_grpc
+from sluice.logs import METADATA_KEY, REQUEST_ID
 
 log = logging.getLogger("sluice.router")
 
@@ -43,20 +44,22 @@ class Replica:
 
 
 class ShardPool:
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], tls_ca: str | None = None) -> None:
         if not addresses:
             raise ValueError("at least one shard address is needed")
+        ca = open(tls_ca, "rb").read() if tls_ca else None
         # Channels are created here, inside the running event loop: grpc.aio binds them to it.
-        self.replicas = [self._open(a) for a in addresses]
+        self.replicas = [self._open(a, ca) for a in addresses]
         self._poller: asyncio.Task | None = None
 
     @staticmethod
-    def _open(address: str) -> Replica:
+    def _open(address: str, ca: bytes | None) -> Replica:
         # Long generations sit on one stream for minutes; keepalive notices a dead shard.
-        channel = grpc.aio.insecure_channel(
-            address,
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 64 << 20)],
-        )
+        options = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 64 << 20)]
+        if ca and not address.startswith("unix:"):
+            channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        else:
+            channel = grpc.aio.insecure_channel(address, options=options)
         return Replica(address, channel, shard_pb2_grpc.ShardStub(channel))
 
     @property
@@ -120,7 +123,7 @@ class ShardPool:
         which frees the sequence in the engine."""
         replica = self._pick()
         replica.in_flight += 1
-        call = replica.stub.Generate(request)
+        call = replica.stub.Generate(request, metadata=((METADATA_KEY, REQUEST_ID.get()),))
         try:
             async for reply in call:
                 yield reply

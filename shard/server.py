@@ -7,6 +7,7 @@ thread feeds through `call_soon_threadsafe`. When the router cancels the call, t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
 from shard.sampler import Sampled, SamplingParams
 from sluice import shard_pb2 as pb
 from sluice import shard_pb2_grpc as pb_grpc
+from sluice.logs import METADATA_KEY, REQUEST_ID
 from sluice.modelfiles import ModelSource
 
 log = logging.getLogger("sluice.shard")
@@ -46,6 +48,31 @@ class ShardSettings:
     num_shard: int = 1
     device: str = "auto"  # cpu, cuda, or auto (cuda when there is one)
     backend: str | None = None  # torch.distributed backend; default gloo on CPU, nccl on CUDA
+    allow_remote: bool = False  # serve gRPC on an address other hosts can reach
+    tls_cert: str | None = None  # PEM files: serve gRPC over TLS
+    tls_key: str | None = None
+
+
+def is_local(address: str) -> bool:
+    """Whether only this host can reach a gRPC address: a Unix socket or a loopback host:port."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or an empty host (every interface)
+
+
+def check_bind(settings: ShardSettings) -> None:
+    """The shard trusts whoever reaches it (no auth of its own): reaching it from elsewhere must be asked for."""
+    if not is_local(settings.address) and not settings.allow_remote:
+        raise SystemExit(f"sluice shard: {settings.address} is reachable from other hosts; pass --allow-remote "
+                         "to serve there (and consider --tls-cert/--tls-key), or use a Unix socket or 127.0.0.1")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SystemExit("sluice shard: --tls-cert and --tls-key go together")
 
 
 class ShardService(pb_grpc.ShardServicer):
@@ -74,6 +101,7 @@ class ShardService(pb_grpc.ShardServicer):
         return pb.HealthResponse(ok=self.engine.alive(), running=running, waiting=waiting, free_kv_blocks=free)
 
     async def Generate(self, request: pb.GenerateRequest, context):
+        REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         p = request.params
@@ -116,6 +144,7 @@ class ShardService(pb_grpc.ShardServicer):
                 done = False
                 for kind, value in batch:
                     if kind == "error":
+                        log.warning("generation failed: %s", value)
                         await context.abort(grpc.StatusCode.INTERNAL, str(value))
                     msg.tokens.append(_token(value))
                     if value.finish:
@@ -258,8 +287,13 @@ async def _serve_grpc(engine: Engine, source: ModelSource, settings: ShardSettin
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ShardServicer_to_server(ShardService(engine, source, settings), server)
     try:
-        port = server.add_insecure_port(settings.address)
-    except RuntimeError as exc:
+        if settings.tls_cert:
+            with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            port = server.add_secure_port(settings.address, credentials)
+        else:
+            port = server.add_insecure_port(settings.address)
+    except (RuntimeError, OSError) as exc:
         port, box["error"] = 0, f"shard: cannot listen on {settings.address}: {exc}"
     if port == 0:
         box.setdefault("error", f"shard: cannot listen on {settings.address} (in use?)")

@@ -55,6 +55,10 @@ def _router_flags(p: argparse.ArgumentParser) -> None:
     _add(p, "--max-input-tokens", type=int, default=_env_int("MAX_INPUT_TOKENS", 1024))
     _add(p, "--max-total-tokens", type=int, default=_env_int("MAX_TOTAL_TOKENS", 2048))
     _add(p, "--api-key", default=os.environ.get("SLUICE_API_KEY"), help="require `Authorization: Bearer KEY`")
+    _add(p, "--max-body-bytes", type=int, default=_env_int("MAX_BODY_BYTES", 4 * 1024 * 1024),
+         help="larger request bodies get 413 without being read")
+    _add(p, "--shutdown-timeout", type=float, default=float(os.environ.get("SHUTDOWN_TIMEOUT", 30)),
+         help="seconds in-flight requests may take to finish after SIGTERM")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     _router_flags(router)
     _add(router, "--shard-address", action="append", default=None,
          help="shard gRPC address: unix:///path.sock or host:port; repeat for replicas (default unix:///tmp/sluice-shard.sock)")
+    _add(router, "--shard-tls-ca", default=os.environ.get("SHARD_TLS_CA"),
+         help="PEM CA certificate: connect to host:port shards over TLS, trusting it")
 
     shard = sub.add_parser("shard", help="one shard (the model and its engine) alone")
     _model_flags(shard)
@@ -79,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(shard, "--address", default=os.environ.get("SHARD_ADDRESS", "unix:///tmp/sluice-shard.sock"),
          help="where to serve gRPC: unix:///path.sock or host:port (binding beyond localhost is explicit)")
     _add(shard, "--shard-uds-path", default=None, help="shorthand for --address unix://PATH")
+    _add(shard, "--allow-remote", action="store_true", help="allow an --address that other hosts can reach")
+    _add(shard, "--tls-cert", default=os.environ.get("SHARD_TLS_CERT"), help="PEM certificate: serve gRPC over TLS")
+    _add(shard, "--tls-key", default=os.environ.get("SHARD_TLS_KEY"), help="PEM private key for --tls-cert")
     return parser
 
 
@@ -101,11 +110,14 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> None:
-    from shard.server import ShardSettings, main
+    from shard.server import ShardSettings, check_bind, main
 
+    address = f"unix://{args.shard_uds_path}" if args.shard_uds_path else args.address
+    # `sluice serve` passes only its Unix socket; these flags exist on `sluice shard` alone.
+    remote = {k: getattr(args, k, None) for k in ("allow_remote", "tls_cert", "tls_key")}
+    check_bind(ShardSettings(address=address, **remote))  # before the (slow) model load
     source = _resolve_or_exit(args.model_id)
     _check_split(source, args.num_shard)
-    address = f"unix://{args.shard_uds_path}" if args.shard_uds_path else args.address
     settings = ShardSettings(
         model_id=args.model_id,
         address=address,
@@ -116,6 +128,9 @@ def run_shard(args: argparse.Namespace) -> None:
         num_threads=args.num_threads,
         num_shard=args.num_shard,
         device=args.device,
+        allow_remote=bool(remote["allow_remote"]),
+        tls_cert=remote["tls_cert"],
+        tls_key=remote["tls_key"],
     )
     try:
         main(settings, source)
@@ -138,6 +153,9 @@ def run_router(args: argparse.Namespace, shard_addresses: list[str] | None = Non
         max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.max_total_tokens,
         api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        shutdown_timeout_s=args.shutdown_timeout,
+        shard_tls_ca=getattr(args, "shard_tls_ca", None),
     )
     serve(settings)
 
@@ -250,7 +268,9 @@ def run_serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from sluice import logs
+
+    logs.setup()
     args = build_parser().parse_args(argv)
     {"serve": run_serve, "router": run_router, "shard": run_shard}[args.command](args)
 

@@ -1,0 +1,53 @@
+"""Graceful drain: on SIGTERM the router refuses new work with 503 (and /health says 503, so load balancers
+stop sending), lets the streams in flight finish, then exits 0 and only then stops its shard.
+
+The shard is paused (SIGSTOP) while the checks run, so the stream is surely still in flight then: no race
+with how fast the model generates.
+"""
+import json
+import os
+import signal
+
+import httpx
+
+from test_api_resilience import children, wait_for
+
+BODY = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 30, "details": True}}
+
+
+def test_sigterm_finishes_the_stream_in_flight_then_exits_0(start_server):
+    url = start_server(shutdown_timeout=300)
+    srv = start_server.servers[-1]
+    (shard,) = children(srv.proc.pid)
+    with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(lines).removeprefix("data: "))
+        os.kill(shard, signal.SIGSTOP)
+        try:
+            srv.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: httpx.get(url + "/health").status_code == 503)
+            health = httpx.get(url + "/health")
+            assert health.json()["error_type"] == "unavailable"
+            for route in ("/generate", "/v1/completions"):
+                refused = httpx.post(url + route, json={"inputs": "Hi", "prompt": "Hi"})
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error_type"] == "unavailable"
+                assert refused.headers["x-request-id"]
+            assert srv.metrics()["sluice_requests_in_flight"] == 1  # /metrics still answers while draining
+            assert srv.proc.poll() is None
+        finally:
+            os.kill(shard, signal.SIGCONT)
+        events = [json.loads(line.removeprefix("data: ")) for line in lines if line]
+    assert all("error" not in e for e in events)
+    assert 1 + len(events) == 30 and events[-1]["details"]["generated_tokens"] == 30
+    assert first["token"]["text"] is not None
+    assert srv.proc.wait(timeout=60) == 0
+    wait_for(lambda: not os.path.exists(f"/proc/{shard}") or "zombie" in open(f"/proc/{shard}/status").read())
+
+
+def test_sigterm_when_idle_exits_0_at_once(start_server):
+    start_server()
+    srv = start_server.servers[-1]
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=60) == 0
+    assert "draining 0 request(s)" in srv.log_path.read_text()
