@@ -15,7 +15,7 @@ TopP = Annotated[float | None, Field(gt=0, le=1)]
 TopK = Annotated[int | None, Field(ge=0, lt=2**31)]  # a uint32 on the wire: larger ones would not fit
 Penalty = Annotated[float | None, Field(gt=0)]
 OpenAIPenalty = Annotated[float | None, Field(ge=-2, le=2)]
-NewTokens = Annotated[int | None, Field(gt=0)]
+NewTokens = Annotated[int | None, Field(gt=0, lt=2**32)]  # uint32 on the wire
 Seed = Annotated[int | None, Field(ge=0, lt=2**64)]
 
 
@@ -46,9 +46,9 @@ class Parameters(_Body):
     stop: list[str] | None = None
     temperature: Temperature = None
     top_k: TopK = None
-    top_n_tokens: Annotated[int | None, Field(ge=0)] = None
+    top_n_tokens: Annotated[int | None, Field(ge=0, lt=2**32)] = None
     top_p: TopP = None
-    truncate: Annotated[int | None, Field(gt=0)] = None
+    truncate: Annotated[int | None, Field(gt=0, lt=2**32)] = None
     typical_p: float | None = None  # accepted, not applied
     watermark: bool | None = None  # accepted, not applied
     grammar: Any = None

@@ -130,7 +130,7 @@ class ShardService(pb_grpc.ShardServicer):
             self.engine.submit(seq)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        first = True
+        first, done = True, False
         try:
             while True:
                 batch = [await events.get()]
@@ -155,6 +155,9 @@ class ShardService(pb_grpc.ShardServicer):
                     return
         finally:
             self.engine.cancel(seq)  # no-op when finished; frees the sequence when the call was cancelled
+            # One line per request, with its id and sizes only: prompt text never reaches the shard.
+            log.info("generate %s: %d prompt tokens, %d generated", "finished" if done else "ended early",
+                     seq.prompt_len, len(seq.token_ids) - seq.prompt_len)
 
 
 def _token(s: Sampled) -> pb.Token:
