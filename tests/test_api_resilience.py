@@ -106,3 +106,59 @@ def test_disconnect_while_queued_cancels_at_once(start_server):
     assert shards()["running"] == 1  # the first stream is still generating: the cancel did not wait for it
     running.close()
     wait_for(lambda: shards()["running"] == 0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the shard process")
+def test_shard_death_under_eight_streams(keyed):
+    """Every one of 8 concurrent streams (TGI and OpenAI) ends with an error event its client understands,
+    /health says 503 while the shard is down, and serving resumes with the same router process."""
+    import threading
+
+    url, router_pid = keyed.url, keyed.proc.pid
+    wait_healthy(url)
+    started, results = threading.Barrier(9), [None] * 8
+
+    def stream(i: int) -> None:
+        if i % 2:
+            route, body = "/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 300, "stream": True}
+        else:
+            route, body = "/generate_stream", {"inputs": "1, 2, 3,", "parameters": {"max_new_tokens": 300}}
+        with httpx.stream("POST", url + route, json=body, headers=AUTH, timeout=120) as r:
+            lines = (line for line in r.iter_lines() if line)
+            first = next(lines)
+            started.wait()
+            results[i] = [first, *lines]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    started.wait()
+    os.kill(children(router_pid)[0], signal.SIGKILL)
+    wait_for(lambda: httpx.get(url + "/health").status_code == 503)
+    for t in threads:
+        t.join()
+    for i, lines in enumerate(results):
+        events = [line.removeprefix("data: ") for line in lines]
+        if i % 2:  # OpenAI: an error event, then [DONE]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error_type"] == "generation", events[-3:]
+        else:
+            assert json.loads(events[-1])["error_type"] == "generation", events[-3:]
+    wait_healthy(url)
+    assert keyed.proc.poll() is None and keyed.proc.pid == router_pid
+    ok = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, headers=AUTH,
+                    timeout=60)
+    assert ok.status_code == 200
+    assert keyed.metrics()["sluice_requests_in_flight"] == 0
+
+
+def test_shard_refuses_a_remote_bind_unless_asked():
+    import subprocess
+    import sys
+
+    for address in ("0.0.0.0:50999", "[::]:50999", "example.com:50999"):
+        out = subprocess.run([sys.executable, "-m", "sluice", "shard", "--address", address],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and "--allow-remote" in out.stderr, out.stderr[-2000:]
+    half_tls = subprocess.run([sys.executable, "-m", "sluice", "shard", "--address", "127.0.0.1:50999",
+                               "--tls-cert", "cert.pem"], capture_output=True, text=True, timeout=120)
+    assert half_tls.returncode != 0 and "--tls-key" in half_tls.stderr
