@@ -57,6 +57,13 @@ async def one(client: httpx.AsyncClient, url: str, rng: random.Random) -> str:
     """One request of a random kind; returns its outcome: ok, error (clear), disconnect, or lost:<why>."""
     kind = rng.choices(["tgi_stream", "chat_stream", "tgi", "chat", "completion", "disconnect", "bad"],
                        [30, 15, 10, 10, 10, 15, 10])[0]
+    try:
+        return await request(client, url, rng, kind)
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        return f"lost:{kind} {type(exc).__name__}: {exc}"
+
+
+async def request(client: httpx.AsyncClient, url: str, rng: random.Random, kind: str) -> str:
     n = rng.randint(1, 12)
     prompt = rng.choice(PROMPTS)
     if kind == "disconnect":
@@ -121,10 +128,7 @@ async def load(url: str, count: int, concurrency: int, seed: int) -> Counter:
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
         async def worker() -> None:
             for _ in todo:
-                try:
-                    outcome = await one(client, url, rng)
-                except (httpx.HTTPError, OSError, ValueError) as exc:
-                    outcome = f"lost:{type(exc).__name__}"
+                outcome = await one(client, url, rng)
                 outcomes[outcome.split(":")[0]] += 1
                 if outcome.startswith("lost"):
                     print("  ", outcome, file=sys.stderr)

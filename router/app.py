@@ -163,11 +163,21 @@ class Router:
 # ---- request parsing ----
 
 
+# A declared body at most this much over the limit is read and dropped before the 413, so that the client,
+# still sending it, reads the answer: closing on unread bytes resets the connection, and most clients then
+# report a broken connection instead of the 413. Larger ones are refused unread (nginx's lingering close,
+# bounded the same way).
+DISCARD_MAX_BYTES = 1 << 20
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be over `limit`: from Content-Length before
-    reading a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that."""
+    keeping a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
+        if int(declared) <= limit + DISCARD_MAX_BYTES:
+            async for _ in request.stream():
+                pass
         raise ApiError(413, f"request body larger than {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
