@@ -467,7 +467,7 @@ async def info(request: Request) -> Response:
         "max_top_n_tokens": s.max_top_n_tokens,
         "validation_workers": 1,
         "max_client_batch_size": 1,
-        "num_shard": sum(r.info.num_shard or 1 for r in router.pool.replicas),
+        "num_shard": sum(r.info.num_shard or 1 for r in router.pool.replicas if r.info),
         "num_replicas": len(router.pool.replicas),
         "router": "sluice",
         "version": sluice.__version__,
@@ -487,7 +487,9 @@ async def tokenize(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(router_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    router = router_of(request)
+    router.metrics.batch_size.set(sum(r.running for r in router.pool.replicas if r.healthy))
+    return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def openapi_schema() -> dict:

@@ -144,6 +144,8 @@ class Admission:
             await self._admitted(route, scope, receive, send_and_note)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
+            if scope["method"] == "POST" and path in self.generation_routes:
+                self.metrics.generation_finished(status)
 
     async def _admitted(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         self.in_flight += 1

@@ -209,6 +209,7 @@ class TextGenerator:
             if waiting:
                 m.queue.dec()
             m.generated_tokens.observe(len(gen.tokens))
+            m.input_length.observe(gen.prompt_tokens or len(request.input_ids))
 
 
 class IncompleteGeneration(RuntimeError):

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(shard, "--address", default=os.environ.get("SHARD_ADDRESS", "unix:///tmp/sluice-shard.sock"),
          help="where to serve gRPC: unix:///path.sock or host:port (binding beyond localhost is explicit)")
     _add(shard, "--shard-uds-path", default=None, help="shorthand for --address unix://PATH")
+
+    health = sub.add_parser("health", help="probe a router (http://...) or a shard (gRPC address); exit 0 when healthy")
+    _add(health, "--address", default=None,
+         help="default: $SHARD_ADDRESS when set (shard container), else http://127.0.0.1:$PORT/health")
+    _add(health, "--timeout", type=float, default=5.0, help="seconds")
     return parser
 
 
@@ -249,10 +254,19 @@ def run_serve(args: argparse.Namespace) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_health(args: argparse.Namespace) -> None:
+    from sluice.health import check, default_address
+
+    ok, message = check(args.address or default_address(), args.timeout)
+    print(message)
+    raise SystemExit(0 if ok else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    {"serve": run_serve, "router": run_router, "shard": run_shard}[args.command](args)
+    commands = {"serve": run_serve, "router": run_router, "shard": run_shard, "health": run_health}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

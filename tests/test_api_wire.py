@@ -130,9 +130,10 @@ def test_tokenize(server):
 def test_metrics(server):
     httpx.post(server + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}, timeout=60)
     text = httpx.get(server + "/metrics").text
-    for name in ("sluice_requests_total", "sluice_requests_in_flight", "sluice_queue_size",
+    for name in ("sluice_requests_total", "sluice_requests_in_flight", "tgi_queue_size", "tgi_batch_current_size",
                  "sluice_time_to_first_token_seconds_bucket", "sluice_inter_token_latency_seconds_bucket",
-                 "sluice_generated_tokens_bucket", "sluice_request_duration_seconds_bucket"):
+                 "tgi_request_generated_tokens_bucket", "tgi_request_input_length_bucket",
+                 "tgi_request_duration_bucket", "tgi_request_count_total", "tgi_request_success_total"):
         assert name in text, name
     assert 'sluice_requests_total{route="/generate",status="200"}' in text
 
