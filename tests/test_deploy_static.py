@@ -61,6 +61,13 @@ def parses(argv: list[str]) -> object:
         pytest.fail(f"sluice rejects {argv}")
 
 
+def check_shard_bind(argv: list[str], address: str) -> None:
+    """A shard bound beyond loopback needs --allow-remote once the CLI has that flag (the reliability work)."""
+    args = parses(argv)
+    if hasattr(args, "allow_remote") and not address.startswith(("127.", "localhost", "[::1]", "unix:")):
+        assert args.allow_remote, f"{argv} binds {address} without --allow-remote"
+
+
 def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
@@ -88,6 +95,7 @@ def test_compose_agrees_with_the_cli():
         assert parses(svc["command"]).command == name
         test = svc["healthcheck"]["test"]
         assert test[:3] == ["CMD", "sluice", "health"] and parses(test[2:])
+    check_shard_bind(services["shard"]["command"], services["shard"]["environment"]["SHARD_ADDRESS"])
     shard_port = services["shard"]["environment"]["SHARD_ADDRESS"].rpartition(":")[2]
     assert services["shard"]["expose"] == [shard_port]
     assert "ports" not in services["shard"], "the shard must not be published"
@@ -136,6 +144,7 @@ def test_manifests_agree_with_the_cli():
             address = config_maps.get("sluice-shard", {}).get("SHARD_ADDRESS") or next(
                 e["value"] for e in c["env"] if e["name"] == "SHARD_ADDRESS")
             assert int(address.rpartition(":")[2]) == ports["grpc"]
+            check_shard_bind(c["args"], address)
     for service in services.values():  # every Service targets a named port some container has
         names = {p["name"] for _, c in containers(docs) for p in c["ports"]}
         assert all(p.get("targetPort", p["name"]) in names for p in service["spec"]["ports"])
