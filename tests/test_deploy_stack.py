@@ -167,7 +167,7 @@ def test_readme_client_streams_a_chat_completion(stack):
 def test_burst_past_the_limit_gets_429(stack):
     """LIMIT + 4 requests at once: greedy counting runs to max_new_tokens, so the first LIMIT admitted are
     still generating when the rest arrive, and those are refused with 429 before any stream starts."""
-    body = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 64}}
+    body = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 24}}
     barrier = threading.Barrier(LIMIT + 4)
     replies: list[httpx.Response] = []
 
