@@ -700,6 +700,9 @@ def openapi_schema() -> dict:
             "/health": get("200 when a shard answers its health check, else 503"),
             "/info": get("model and limits"),
             "/metrics": get("Prometheus metrics"),
+            "/openapi.json": get("this document"),
+            "/docs": {"get": {"summary": "a page pointing at this document",
+                              "responses": {"200": {"description": "OK", "content": {"text/html": {}}}}}},
         },
     }
 
