@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,6 +65,7 @@ class Sequence:
         self.prefill: list[float] | None = [math.nan] if prompt_logprobs else None
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.blocks: list[int] = []
+        self.block_hashes: list[int] = []  # names of this sequence's full blocks, in order
         self.cancelled = False
 
     @property
@@ -77,12 +78,21 @@ class Sequence:
 
 
 class BlockManager:
-    """Fixed-size KV blocks handed out on demand; a sequence's blocks need not be contiguous."""
+    """Fixed-size KV blocks with prefix reuse; a sequence's blocks need not be contiguous.
+
+    A full block is named by a hash of every token up to its end, so two requests that share a
+    prefix (a system prompt, a chat history) share its blocks instead of computing them again.
+    Freed blocks keep their contents and name until they are handed out again, oldest first.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
+        self.refs = [0] * num_blocks
+        self.block_hash: dict[int, int] = {}
+        self.by_hash: dict[int, int] = {}
+        self.hit_tokens = 0  # prompt tokens not computed thanks to reuse (a metric)
 
     def needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, math.ceil(num_tokens / self.block_size) - len(seq.blocks))
@@ -92,11 +102,51 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         for _ in range(self.needed(seq, num_tokens)):
-            seq.blocks.append(self.free_blocks.popleft())
+            block, _ = self.free_blocks.popitem(last=False)
+            self.by_hash.pop(self.block_hash.pop(block, None), None)
+            self.refs[block] = 1
+            seq.blocks.append(block)
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.blocks)
+        for block in seq.blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free_blocks[block] = None
         seq.blocks = []
+        seq.block_hashes = []
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks already holding this sequence's leading full blocks (at least one token stays
+        to compute, so the step still yields logits for it)."""
+        bs, found, parent = self.block_size, [], 0
+        for i in range((seq.num_tokens - 1) // bs):
+            parent = hash((parent, *seq.token_ids[i * bs : (i + 1) * bs]))
+            block = self.by_hash.get(parent)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
+        for block in blocks:
+            if self.refs[block] == 0:
+                del self.free_blocks[block]
+            self.refs[block] += 1
+        seq.blocks = list(blocks)
+        seq.block_hashes = [self.block_hash[b] for b in blocks]
+        seq.num_computed = len(blocks) * self.block_size
+        self.hit_tokens += seq.num_computed
+
+    def register_full(self, seq: Sequence) -> None:
+        """Name the blocks that this step filled, so later requests can reuse them."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            h = hash((parent, *seq.token_ids[i * bs : (i + 1) * bs]))
+            seq.block_hashes.append(h)
+            block = seq.blocks[i]
+            if h not in self.by_hash and block not in self.block_hash:
+                self.by_hash[h], self.block_hash[block] = block, h
 
 
 class Scheduler:
@@ -145,10 +195,16 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.can_allocate(self.blocks.needed(seq, seq.num_computed + n)):
+            cached = self.blocks.cached_prefix(seq)
+            start = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            # Cached blocks that sit in the free list stop being free once this sequence takes them.
+            idle = sum(1 for b in cached if self.blocks.refs[b] == 0)
+            new = math.ceil((start + n) / self.blocks.block_size) - len(cached)
+            if not self.blocks.can_allocate(new + idle):
                 break
             self.waiting.popleft()
+            self.blocks.take_prefix(seq, cached)
             self.blocks.allocate(seq, seq.num_computed + n)
             self.running.append(seq)
             out.append((seq, n))
@@ -317,6 +373,7 @@ class Engine:
             )
         for seq, n in scheduled:
             seq.num_computed += n
+            self.blocks.register_full(seq)
         for seq, res in zip(samplers, results):
             self._append(seq, res)
         self.steps += 1

@@ -96,3 +96,30 @@ def test_prompt_too_long_is_refused(model):
     engine = Engine(model, EngineConfig(kv_cache_tokens=64, block_size=16), eos_token_ids=[])
     with pytest.raises(ValueError):
         engine.submit(Sequence("x", list(range(100)), SamplingParams(), 5, lambda *a: None))
+
+
+def test_shared_prefix_reuses_blocks_and_keeps_outputs(model):
+    system = list(range(100, 150))  # 50 tokens: three full blocks of 16
+    prompts = [system + [7, 8, 9], system + [300, 301], system + [7, 8, 9]]
+    fresh = [run(model, [p], EngineConfig(kv_cache_tokens=1024))[0][0] for p in prompts]
+
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    engine.start()
+    outs = []
+    for p in prompts:  # one after another: each finds the blocks the earlier ones left behind
+        got, done = [], threading.Event()
+
+        def on_event(kind, value, got=got, done=done):
+            got.append(value.token_id)
+            if value.finish:
+                done.set()
+
+        engine.submit(Sequence("p", p, SamplingParams(), 20, on_event))
+        assert done.wait(120)
+        outs.append(got)
+    engine.stop()
+    assert outs == fresh
+    # The 2nd and 3rd prompts skip the shared 48 tokens; the 3rd repeats the 1st, whose later
+    # blocks (prompt tail and generated tokens) are named too.
+    assert engine.blocks.hit_tokens >= 2 * 48
+    assert len(engine.blocks.free_blocks) == engine.blocks.num_blocks
