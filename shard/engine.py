@@ -118,6 +118,8 @@ class BlockManager:
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks already holding this sequence's leading full blocks (at least one token stays
         to compute, so the step still yields logits for it)."""
+        if seq.prefill is not None and len(seq.prefill) < seq.prompt_len:
+            return []  # prompt logprobs need the logits of every prompt position: compute them all
         bs, found, parent = self.block_size, [], 0
         for i in range((seq.num_tokens - 1) // bs):
             parent = hash((parent, *seq.token_ids[i * bs : (i + 1) * bs]))
