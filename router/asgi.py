@@ -129,6 +129,9 @@ class Admission:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if scope.get("sluice.ignored"):  # set by the route's body parser
+                    ignored = ",".join(scope["sluice.ignored"]).encode()
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-sluice-ignored-fields", ignored)]}
             await send(message)
 
         try:

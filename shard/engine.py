@@ -13,12 +13,13 @@ import math
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from shard.grammar import mask_logits
 from shard.models.llama import AttentionBatch, LlamaModel
 from shard.parallel import broadcast_step
 from shard.sampler import Sampled, SamplingParams, sample
@@ -42,6 +43,8 @@ class Sequence:
         stop_token_ids: frozenset[int] = frozenset(),
         top_n_tokens: int = 0,
         ignore_eos: bool = False,  # benchmarks: run to max_new_tokens whatever the model says
+        matcher=None,  # an llguidance LLMatcher that every sampled token must satisfy
+        prompt_logprobs: bool = False,
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
@@ -57,8 +60,12 @@ class Sequence:
         self.top_n_tokens = top_n_tokens
         self.ignore_eos = ignore_eos
         self.on_event = on_event
+        self.matcher = matcher
+        # Prompt token logprobs, filled chunk by chunk during prefill; the first token has none.
+        self.prefill: list[float] | None = [math.nan] if prompt_logprobs else None
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.blocks: list[int] = []
+        self.block_hashes: list[int] = []  # names of this sequence's full blocks, in order
         self.cancelled = False
 
     @property
@@ -71,12 +78,21 @@ class Sequence:
 
 
 class BlockManager:
-    """Fixed-size KV blocks handed out on demand; a sequence's blocks need not be contiguous."""
+    """Fixed-size KV blocks with prefix reuse; a sequence's blocks need not be contiguous.
+
+    A full block is named by a hash of every token up to its end, so two requests that share a
+    prefix (a system prompt, a chat history) share its blocks instead of computing them again.
+    Freed blocks keep their contents and name until they are handed out again, oldest first.
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
+        self.refs = [0] * num_blocks
+        self.block_hash: dict[int, int] = {}
+        self.by_hash: dict[int, int] = {}
+        self.hit_tokens = 0  # prompt tokens not computed thanks to reuse (a metric)
 
     def needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, math.ceil(num_tokens / self.block_size) - len(seq.blocks))
@@ -86,11 +102,53 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         for _ in range(self.needed(seq, num_tokens)):
-            seq.blocks.append(self.free_blocks.popleft())
+            block, _ = self.free_blocks.popitem(last=False)
+            self.by_hash.pop(self.block_hash.pop(block, None), None)
+            self.refs[block] = 1
+            seq.blocks.append(block)
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.blocks)
+        for block in seq.blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                self.free_blocks[block] = None
         seq.blocks = []
+        seq.block_hashes = []
+
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks already holding this sequence's leading full blocks (at least one token stays
+        to compute, so the step still yields logits for it)."""
+        if seq.prefill is not None and len(seq.prefill) < seq.prompt_len:
+            return []  # prompt logprobs need the logits of every prompt position: compute them all
+        bs, found, parent = self.block_size, [], 0
+        for i in range((seq.num_tokens - 1) // bs):
+            parent = hash((parent, *seq.token_ids[i * bs : (i + 1) * bs]))
+            block = self.by_hash.get(parent)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def take_prefix(self, seq: Sequence, blocks: list[int]) -> None:
+        for block in blocks:
+            if self.refs[block] == 0:
+                del self.free_blocks[block]
+            self.refs[block] += 1
+        seq.blocks = list(blocks)
+        seq.block_hashes = [self.block_hash[b] for b in blocks]
+        seq.num_computed = len(blocks) * self.block_size
+        self.hit_tokens += seq.num_computed
+
+    def register_full(self, seq: Sequence) -> None:
+        """Name the blocks that this step filled, so later requests can reuse them."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), seq.num_computed // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            h = hash((parent, *seq.token_ids[i * bs : (i + 1) * bs]))
+            seq.block_hashes.append(h)
+            block = seq.blocks[i]
+            if h not in self.by_hash and block not in self.block_hash:
+                self.by_hash[h], self.block_hash[block] = block, h
 
 
 class Scheduler:
@@ -139,10 +197,16 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.can_allocate(self.blocks.needed(seq, seq.num_computed + n)):
+            cached = self.blocks.cached_prefix(seq)
+            start = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - start, budget)
+            # Cached blocks that sit in the free list stop being free once this sequence takes them.
+            idle = sum(1 for b in cached if self.blocks.refs[b] == 0)
+            new = math.ceil((start + n) / self.blocks.block_size) - len(cached)
+            if not self.blocks.can_allocate(new + idle):
                 break
             self.waiting.popleft()
+            self.blocks.take_prefix(seq, cached)
             self.blocks.allocate(seq, seq.num_computed + n)
             self.running.append(seq)
             out.append((seq, n))
@@ -272,6 +336,7 @@ class Engine:
                     self.scheduler.remove(seq)
                     seq.on_event("error", f"{type(exc).__name__}: {exc}")
 
+    @torch.inference_mode()  # the logits are inference tensors: masks and penalties edit them in place
     def step(self) -> None:
         scheduled = self.scheduler.schedule()
         if not scheduled:
@@ -279,13 +344,28 @@ class Engine:
             return
         ids, positions, batch, sample_rows = self._prepare(scheduled)
         rows = [r for r in sample_rows if r is not None]
+        prefill = self._prefill_rows(scheduled)
+        all_rows = rows + [r for _, rs, _ in prefill for r in rs]
         if self.model.tp.size > 1:
-            broadcast_step((ids, positions, batch, rows))
+            broadcast_step((ids, positions, batch, all_rows))
         hidden = self.model(ids, positions, batch, self.kv_caches)
         samplers = [seq for (seq, n), row in zip(scheduled, sample_rows) if row is not None]
         results: list[Sampled] = []
+        if all_rows:
+            all_logits = self.model.logits(hidden[all_rows]).cpu()
+            logits = all_logits[: len(rows)]
+        if prefill:
+            logprobs = torch.log_softmax(all_logits[len(rows):], dim=-1)
+            at = 0
+            for seq, rs, targets in prefill:
+                seq.prefill.extend(logprobs[at : at + len(rs)].gather(1, torch.tensor(targets).unsqueeze(1))[:, 0].tolist())
+                at += len(rs)
         if samplers:
-            logits = self.model.logits(hidden[rows]).cpu()
+            constrained = [j for j, s in enumerate(samplers) if s.matcher is not None]
+            if constrained:
+                sub = logits[constrained]
+                mask_logits(sub, [samplers[j].matcher for j in constrained])
+                logits[constrained] = sub
             results = sample(
                 logits,
                 [s.params for s in samplers],
@@ -295,13 +375,30 @@ class Engine:
             )
         for seq, n in scheduled:
             seq.num_computed += n
+            self.blocks.register_full(seq)
         for seq, res in zip(samplers, results):
             self._append(seq, res)
         self.steps += 1
 
+    def _prefill_rows(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int], list[int]]]:
+        """(sequence, rows of this step's hidden states, the prompt token each row predicts) for sequences
+        that asked for prompt logprobs and still miss some (a preempted sequence's are kept, not redone)."""
+        out, start = [], 0
+        for seq, n in scheduled:
+            if seq.prefill is not None and len(seq.prefill) < seq.prompt_len:
+                s = seq.num_computed
+                first, end = max(s, len(seq.prefill) - 1), min(s + n, seq.prompt_len - 1)
+                if first < end:
+                    out.append((seq, [start + p - s for p in range(first, end)], seq.token_ids[first + 1 : end + 1]))
+            start += n
+        return out
+
     def _append(self, seq: Sequence, res: Sampled) -> None:
         seq.token_ids.append(res.token_id)
-        if res.token_id in seq.stop_token_ids or (res.token_id in self.eos and not seq.ignore_eos):
+        # A grammar that is complete (or, defensively, broken) ends the sequence like an eos would.
+        grammar_done = seq.matcher is not None and (not seq.matcher.consume_token(res.token_id)
+                                                    or seq.matcher.is_stopped())
+        if grammar_done or res.token_id in seq.stop_token_ids or (res.token_id in self.eos and not seq.ignore_eos):
             res.finish = FINISH_EOS
         elif seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_seq_len:
             res.finish = FINISH_LENGTH

@@ -124,8 +124,9 @@ def run_shard(args: argparse.Namespace) -> None:
     )
     try:
         main(settings, source)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"sluice shard: cannot load {source.model_id}: {exc}") from None
+    except Exception as exc:  # a broken model folder or file: one clear line (the traceback at DEBUG)
+        log.debug("shard start-up failed", exc_info=True)
+        raise SystemExit(f"sluice shard: cannot load {source.path}: {type(exc).__name__}: {exc}") from None
 
 
 def run_router(args: argparse.Namespace, shard_addresses: list[str] | None = None) -> None:

@@ -11,9 +11,8 @@ JS = Path(__file__).parent / "js"
 
 @pytest.fixture(scope="module")
 def node_modules():
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed for the JavaScript client test")
-    if not (JS / "node_modules" / "@huggingface" / "inference").is_dir():
+    assert shutil.which("node") and shutil.which("npm"), "node and npm are needed for the JavaScript client test"
+    if not all((JS / "node_modules" / pkg).is_dir() for pkg in ("@huggingface/inference", "hf-inference-v2")):
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS, check=True, timeout=300)
 
 
@@ -27,3 +26,13 @@ def test_text_generation_stream(server, node_modules):
     via_function, via_client = out.stdout.split("\n---\n")
     assert via_function == greedy
     assert via_client == greedy
+
+
+def test_streaming_guide_example_verbatim(server, node_modules):
+    """The guide's own code (HfInferenceEndpoint, default parameters) on the 2.x client it was written for."""
+    prompt = "What can you do in Nuremberg, Germany? Give me 3 Tips"
+    greedy = httpx.post(server + "/generate", json={"inputs": prompt}, timeout=300).json()["generated_text"]
+    out = subprocess.run(["node", "guide.mjs", server], cwd=JS, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == greedy
+    assert len(out.stdout) > 0

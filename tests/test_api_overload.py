@@ -18,6 +18,7 @@ from conftest import Server
 LIMIT = 2
 EXTRA = 3
 HOLD_TOKENS = 48  # long enough that held streams outlive the requests fired meanwhile
+HELD_STREAM_TOKENS = 1500  # streams held open by open_streams: far longer than any test holds them
 PROMPT = "1, 2, 3, 4, 5,"  # greedy counting runs to max_new_tokens, it does not stop early
 
 
@@ -53,7 +54,7 @@ def open_streams(srv: Server, n: int) -> list[httpx.Response]:
     held = []
     for _ in range(n):
         r = HOLDER.send(HOLDER.build_request("POST", srv.url + "/generate_stream", json={
-            "inputs": PROMPT, "parameters": {"max_new_tokens": HOLD_TOKENS}}), stream=True)
+            "inputs": PROMPT, "parameters": {"max_new_tokens": HELD_STREAM_TOKENS}}), stream=True)
         assert r.status_code == 200
         r.lines = r.iter_lines()  # keep the iterator: dropping it mid-stream closes the connection
         next(r.lines)

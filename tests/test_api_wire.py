@@ -74,10 +74,14 @@ def test_tgi_generate_and_compat_route(server):
     out = httpx.post(server + "/generate", json=body, timeout=60).json()
     d = out["details"]
     assert d["finish_reason"] in ("length", "eos_token") and d["generated_tokens"] == len(d["tokens"])
-    assert d["prefill"] == [] and d["seed"] is None
+    assert [t["text"] for t in d["prefill"]] == ["Deep", " learning", " is"] and d["seed"] is None
+    assert d["prefill"][0]["logprob"] is None and all(t["logprob"] < 0 for t in d["prefill"][1:])
     assert "".join(t["text"] for t in d["tokens"]) == out["generated_text"]
     compat = httpx.post(server + "/", json={**body, "stream": False}, timeout=60).json()
     assert compat == [out]
+    # As in TGI, prompt details are not streamed: a stream asking for them is refused.
+    assert httpx.post(server + "/", json={**body, "stream": True}, timeout=60).status_code == 422
+    body["parameters"]["decoder_input_details"] = False
     streamed = httpx.post(server + "/", json={**body, "stream": True}, timeout=60)
     assert streamed.headers["content-type"].startswith("text/event-stream")
     last = json.loads(sse_payloads(streamed.text)[-1])
