@@ -18,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,6 +45,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
+    """`sluice serve` on a free port, healthy; yields (base URL, shard socket path)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    sock = f"{tempfile.mkdtemp()}/shard.sock"
+    cmd = [sys.executable, "-m", "sluice", "serve", "--port", str(port), "--hostname", "127.0.0.1",
+           "--shard-uds-path", sock, *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"sluice serve exited with {proc.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url, sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def stream_once(url: str, prompt: str, max_new: int) -> dict:
@@ -126,28 +153,13 @@ def main() -> None:
     from sluice.modelfiles import resolve
 
     source = resolve(args.model_id)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    tmp = tempfile.mkdtemp()
-    cmd = [sys.executable, "-m", "sluice", "serve", "--port", str(port), "--hostname", "127.0.0.1",
-           "--dtype", args.dtype, "--shard-uds-path", f"{tmp}/shard.sock", "--num-shard", str(args.num_shard)]
+    flags = ["--dtype", args.dtype, "--num-shard", str(args.num_shard)]
     if args.model_id:
-        cmd += ["--model-id", args.model_id]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        flags += ["--model-id", args.model_id]
+    with sluice_server(*flags) as (url, _):
         run_streams(url, 1, 16)  # warm-up
         one = run_streams(url, 1, args.tokens)
         many = run_streams(url, args.streams, args.tokens)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
     hf32 = transformers_decode(source.path, "float32", args.tokens)
     hf16 = transformers_decode(source.path, "bfloat16", args.tokens)

@@ -9,17 +9,12 @@ TP cannot be faster: the figures show what the per-layer all-reduces cost.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_serving import ROOT, free_port, run_streams  # noqa: E402
+from bench_serving import run_streams, sluice_server  # noqa: E402
 
 
 def weight_bytes(num_shard: int, dtype: str) -> list[int]:
@@ -54,27 +49,12 @@ def rss_mb(marker: str) -> list[float]:
 
 
 def measure(num_shard: int, args) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    sock = f"{tempfile.mkdtemp()}/tp{num_shard}.sock"
-    cmd = [sys.executable, "-m", "sluice", "serve", "--port", str(port), "--hostname", "127.0.0.1", "--dtype", args.dtype,
-           "--shard-uds-path", sock, "--num-shard", str(num_shard), "--max-batch-total-tokens", "8192"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    flags = ["--dtype", args.dtype, "--num-shard", str(num_shard), "--max-batch-total-tokens", "8192"]
+    with sluice_server(*flags) as (url, sock):
         run_streams(url, 1, 8)
         one = run_streams(url, 1, args.tokens)
         many = run_streams(url, args.streams, args.tokens)
         return {"one": one, "many": many, "rss": rss_mb(sock)}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def main() -> None:

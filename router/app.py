@@ -28,7 +28,7 @@ from starlette.routing import Route
 import sluice
 from sluice import modelfiles, shard_pb2
 
-from . import schemas
+from . import constraints, schemas
 from .asgi import Admission, ApiError, Deferred, EventStream, Load, error_response
 from .config import RouterSettings
 from .metrics import Metrics
@@ -49,6 +49,20 @@ class Job:
     stops: list[str]
     prompt_text: str
     sampled: bool
+    tools: bool = False  # the output is a tool call under constraints.tools_grammar
+
+    def copies(self, n: int) -> list["Job"]:
+        """n independent requests for n choices (or best_of candidates): seeds seed, seed+1, ... when the
+        request has one (so the whole answer is reproducible), else each its own random seed."""
+        out = [self]
+        for i in range(1, n):
+            request = shard_pb2.GenerateRequest()
+            request.CopyFrom(self.request)
+            request.request_id = f"{self.request.request_id}-{i}"
+            if self.request.params.HasField("seed"):
+                request.params.seed = (self.request.params.seed + i) % 2**64
+            out.append(Job(request, self.stops, self.prompt_text, self.sampled, self.tools))
+        return out
 
 
 class Router:
@@ -90,11 +104,29 @@ class Router:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
-    def chat_prompt(self, messages: list[schemas.Message]) -> str:
-        # The tokenizer's own template; "developer" is OpenAI's newer name for "system".
-        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def chat_prompt(self, messages: list[schemas.Message], tools: list[dict] | None = None,
+                    tool_system: str | None = None) -> str:
+        """The tokenizer's own template; "developer" is OpenAI's newer name for "system". Tools go to a
+        template that knows them; otherwise `tool_system` (the functions and the call format) is put
+        in front of the first system message, or as one."""
+        plain = []
+        for m in messages:
+            content = m.text()
+            if m.tool_calls and not content:  # an earlier call, written as the model was told to write it
+                content = json.dumps([{"name": c.function.name, "arguments": c.function.arguments}
+                                      for c in m.tool_calls])
+            plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        template = self.tokenizer.chat_template or ""
+        extra = {}
+        if tools and "tools" in template:
+            extra["tools"] = tools
+        elif tool_system:
+            if plain[0]["role"] == "system":
+                plain[0] = {"role": "system", "content": tool_system + "\n\n" + plain[0]["content"]}
+            else:
+                plain.insert(0, {"role": "system", "content": tool_system})
         try:
-            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False, **extra)
         except Exception as exc:  # the template's own raise_exception(), e.g. roles out of order
             raise ApiError(422, f"messages: the chat template rejected them: {exc}") from exc
 
@@ -115,13 +147,14 @@ class Router:
         return max_new_tokens
 
     def job(self, ids: list[int], prompt_text: str, max_new_tokens: int, stops: list[str] | None,
-            sampled: bool, temperature: float | None, top_n: int = 0, **params) -> Job:
+            sampled: bool, temperature: float | None, top_n: int = 0, grammar: str = "",
+            prompt_logprobs: bool = False, **params) -> Job:
         stops = [s for s in stops or [] if s]
         if len(stops) > self.settings.max_stop_sequences:
             raise ApiError(422, f"stop: at most {self.settings.max_stop_sequences} stop sequences, got {len(stops)}")
         if top_n > self.settings.max_top_n_tokens:
             raise ApiError(422, f"at most {self.settings.max_top_n_tokens} top tokens per step, asked for {top_n}")
-        neutral = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+        neutral = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "typical_p": 1.0}
         given = {k: v for k, v in params.items() if v is not None}
         sampling = shard_pb2.SamplingParams(
             do_sample=sampled, temperature=temperature if sampled and temperature else 1.0, **{**neutral, **given}
@@ -130,7 +163,8 @@ class Router:
         request = shard_pb2.GenerateRequest(
             request_id=uuid.uuid4().hex, input_ids=ids, params=sampling, max_new_tokens=max_new_tokens,
             # The tokenizer's eos can be the chat turn end that the model's own eos list lacks.
-            stop_token_ids=[eos] if eos is not None else [], top_n_tokens=top_n,
+            stop_token_ids=[eos] if eos is not None else [], top_n_tokens=top_n, grammar=grammar,
+            prompt_logprobs=prompt_logprobs,
         )
         return Job(request, stops, prompt_text, sampled)
 
@@ -145,16 +179,36 @@ class Router:
         # TGI samples when asked to, or when any sampling knob is moved off its neutral value.
         sampled = p.temperature != 0 and bool(
             p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p not in (None, 1.0)
+            or p.typical_p not in (None, 1.0)
         )
+        best_of = p.best_of or 1
+        if best_of > 1:
+            if best_of > self.settings.max_best_of:
+                raise ApiError(422, f"best_of: at most {self.settings.max_best_of}, got {best_of}")
+            if body.stream:
+                raise ApiError(422, "best_of > 1 cannot be streamed")
+            if not sampled:
+                raise ApiError(422, "best_of > 1 needs sampling (do_sample or a temperature/top_k/top_p): "
+                                    "greedy candidates would all be the same")
+        if body.stream and p.decoder_input_details:
+            raise ApiError(422, "decoder_input_details: not available when streaming")
+        grammar = constraints.tgi_grammar(p.grammar.model_dump()) if p.grammar else ""
         return self.job(ids, body.inputs, max_new, p.stop, sampled, p.temperature, p.top_n_tokens or 0,
+                        grammar=grammar, prompt_logprobs=bool(p.decoder_input_details),
                         top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
-                        frequency_penalty=p.frequency_penalty)
+                        frequency_penalty=p.frequency_penalty, typical_p=p.typical_p if sampled else None)
 
     def openai_job(self, body: schemas.ChatCompletionRequest | schemas.CompletionRequest, ids: list[int],
-                   prompt_text: str, max_tokens: int | None, top_n: int) -> Job:
+                   prompt_text: str, max_tokens: int | None, top_n: int, grammar: str = "",
+                   prompt_logprobs: bool = False) -> Job:
         max_new = self.budget(len(ids), max_tokens, None)
         temperature = 1.0 if body.temperature is None else body.temperature
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        vocab = self.pool.info.vocab_size or len(self.tokenizer)
+        if any(k >= vocab for k in bias):
+            raise ApiError(422, f"logit_bias: token ids must be in [0, {vocab})")
         return self.job(ids, prompt_text, max_new, body.stop_list(), temperature > 0, temperature, top_n,
+                        grammar=grammar, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
                         top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
                         seed=body.seed, frequency_penalty=body.frequency_penalty,
                         presence_penalty=body.presence_penalty)
@@ -216,9 +270,16 @@ async def parse(request: Request, model: type[BaseModel]):
     if not isinstance(data, dict):
         raise ApiError(422, "the body must be a JSON object")
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as exc:
         raise ApiError(422, schemas.describe(exc)) from exc
+    ignored = body.ignored_fields()
+    if isinstance(getattr(body, "parameters", None), schemas.Parameters):
+        ignored += [f"parameters.{k}" for k in body.parameters.ignored_fields()]
+    if ignored:
+        log.info("%s: ignoring unknown fields %s", request.url.path, ", ".join(ignored))
+        request.scope["sluice.ignored"] = ignored  # Admission names them in x-sluice-ignored-fields
+    return body
 
 
 def router_of(request: Request) -> Router:
@@ -270,6 +331,41 @@ def in_app(compute) -> Deferred:
     return Deferred(run)
 
 
+async def collect_all(router: Router, jobs: list[Job], hold_back: bool) -> list[Generation]:
+    """Several generations at once (n choices, best_of candidates): they share the shard's batch."""
+    return list(await asyncio.gather(*(collect(router, job, hold_back) for job in jobs)))
+
+
+async def interleave(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(index, piece) from several generations as each arrives; leaving early cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                queue.put_nowait((i, piece))
+            queue.put_nowait((i, done))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 # ---- TGI routes ----
 
 
@@ -279,7 +375,7 @@ def tgi_details(gen: Generation, job: Job, streamed: bool) -> dict:
     if streamed:
         details["input_length"] = gen.prompt_tokens
     else:
-        details.update(prefill=[], tokens=gen.tokens)
+        details.update(prefill=gen.prefill, tokens=gen.tokens)
         if job.request.top_n_tokens:
             details["top_tokens"] = gen.top_tokens
     return details
@@ -293,12 +389,21 @@ async def tgi_generate(request: Request) -> Response:
 def tgi_answer(router: Router, body: schemas.GenerateRequest, as_list: bool) -> Response:
     job = router.tgi_job(body)
     p = body.parameters or schemas.Parameters()
+    prefix = body.inputs if p.return_full_text else ""
 
     async def compute() -> Response:
-        gen = await collect(router, job, hold_back=False)
-        out = {"generated_text": (body.inputs if p.return_full_text else "") + gen.text}
+        # best_of: that many sampled candidates; the answer is the one the model found likeliest.
+        jobs = job.copies(p.best_of or 1)
+        gens = await collect_all(router, jobs, hold_back=False)
+        best = max(range(len(gens)), key=lambda i: gens[i].logprob_sum)
+        gen = gens[best]
+        out = {"generated_text": prefix + gen.text}
         if p.details:
-            out["details"] = tgi_details(gen, job, streamed=False)
+            out["details"] = tgi_details(gen, jobs[best], streamed=False)
+            if len(gens) > 1:
+                out["details"]["best_of_sequences"] = [
+                    {"generated_text": prefix + g.text, **tgi_details(g, j, streamed=False)}
+                    for i, (g, j) in enumerate(zip(gens, jobs)) if i != best]
         return JSONResponse([out] if as_list else out, headers={"x-generated-tokens": str(len(gen.tokens))})
 
     return in_app(compute)
@@ -307,6 +412,7 @@ def tgi_answer(router: Router, body: schemas.GenerateRequest, as_list: bool) -> 
 async def tgi_generate_stream(request: Request) -> Response:
     router = router_of(request)
     body = await parse(request, schemas.GenerateRequest)
+    body.stream = True  # best_of and decoder_input_details are checked as for a stream
     return tgi_stream(router, body, router.tgi_job(body))
 
 
@@ -343,12 +449,15 @@ async def tgi_compat(request: Request) -> Response:
 # ---- OpenAI routes ----
 
 
-def _usage(gen: Generation) -> dict:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": len(gen.tokens),
-            "total_tokens": gen.prompt_tokens + len(gen.tokens)}
+def _usage(prompt_tokens: int, gens: list[Generation]) -> dict:
+    # The prompt is counted once however many choices share it, as OpenAI does.
+    completion = sum(len(g.tokens) for g in gens)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def _openai_finish(reason: str | None) -> str | None:
+def _openai_finish(reason: str | None, tool_calls: bool = False) -> str | None:
+    if tool_calls and reason in ("eos_token", "stop_sequence"):
+        return "tool_calls"
     return {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}.get(reason) if reason else None
 
 
@@ -359,24 +468,55 @@ def _chat_logprobs(pieces: list[tuple[dict, list[dict] | None]]) -> dict:
     return {"content": [{**entry(t), "top_logprobs": [entry(x) for x in top or []]} for t, top in pieces]}
 
 
+def _chat_grammar(body: schemas.ChatCompletionRequest) -> tuple[str, list[dict], bool]:
+    """(grammar, the functions offered, whether the answer is a tool call under constraints.tools_grammar)."""
+    if body.tools and body.response_format and body.response_format.type != "text":
+        raise ApiError(422, "response_format: cannot be combined with tools")
+    if body.tools:
+        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+        functions, allow_text = constraints.chosen_tools([t.model_dump() for t in body.tools], choice)
+        if functions:
+            return constraints.tools_grammar(functions, allow_text), functions, allow_text
+    elif body.tool_choice not in (None, "none", "auto"):
+        raise ApiError(422, "tool_choice: needs tools")
+    if body.response_format:
+        return constraints.response_format_grammar(body.response_format.model_dump()) or "", [], False
+    return "", [], False
+
+
 async def chat_completions(request: Request) -> Response:
     router = router_of(request)
     body = await parse(request, schemas.ChatCompletionRequest)
-    prompt = router.chat_prompt(body.messages)
+    grammar, functions, allow_text = _chat_grammar(body)
+    tool_system = constraints.tool_system_prompt(functions, allow_text) if functions else None
+    prompt = router.chat_prompt(body.messages, functions or None, tool_system)
     ids = router.encode(prompt, add_special_tokens=False)  # the template already placed them
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(422, "top_logprobs: needs logprobs to be true")
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    job = router.openai_job(body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n)
+    job = router.openai_job(body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n, grammar)
+    job.tools = bool(functions)
+    jobs = job.copies(body.n or 1)
     base = {"id": f"chatcmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
             "system_fingerprint": f"sluice-{sluice.__version__}"}
 
+    def message(gen: Generation) -> tuple[dict, bool]:
+        if not job.tools:
+            return {"role": "assistant", "content": gen.text}, False
+        content, calls = constraints.parse_tool_call(gen.text)
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}, bool(calls)
+
     if not body.stream:
         async def compute() -> Response:
-            gen = await collect(router, job, hold_back=True)
-            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text},
-                      "logprobs": _chat_logprobs(list(zip(gen.tokens, gen.top_tokens or [None] * len(gen.tokens))))
-                      if body.logprobs else None,
-                      "finish_reason": _openai_finish(gen.finish_reason)}
-            return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": _usage(gen)})
+            gens = await collect_all(router, jobs, hold_back=True)
+            choices = []
+            for i, gen in enumerate(gens):
+                msg, called = message(gen)
+                logprobs = _chat_logprobs(list(zip(gen.tokens, gen.top_tokens or [None] * len(gen.tokens))))
+                choices.append({"index": i, "message": msg, "logprobs": logprobs if body.logprobs else None,
+                                "finish_reason": _openai_finish(gen.finish_reason, called)})
+            return JSONResponse({**base, "object": "chat.completion", "choices": choices,
+                                 "usage": _usage(len(ids), gens)})
 
         return in_app(compute)
 
@@ -385,20 +525,30 @@ async def chat_completions(request: Request) -> Response:
     if include_usage:
         chunk["usage"] = None
 
-    def choice(delta: dict, piece: Piece | None = None, finish: str | None = None) -> dict:
+    def choice(index: int, delta: dict, piece: Piece | None = None, finish: str | None = None) -> dict:
         lp = _chat_logprobs([(piece.token, piece.top_tokens)]) if body.logprobs and piece and piece.token else None
-        return {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+        return {**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     async def events() -> AsyncIterator[dict | str]:
-        gen = Generation(prompt_tokens=len(ids))
-        yield choice({"role": "assistant", "content": ""})
-        async for piece in router.textgen.generate(job.request, job.stops, True, gen):
-            if piece.finish_reason:
-                yield choice({"content": piece.text} if piece.text else {}, piece, _openai_finish(piece.finish_reason))
+        gens = [Generation(prompt_tokens=len(ids)) for _ in jobs]
+        for i in range(len(jobs)):
+            yield choice(i, {"role": "assistant", "content": ""})
+        streams = [router.textgen.generate(j.request, j.stops, True, g) for j, g in zip(jobs, gens)]
+        async for i, piece in interleave(streams):
+            if job.tools:
+                # A tool call is only known once its JSON is complete: it goes out whole, in one delta
+                # (OpenAI's format; clients accumulate deltas, so one is as good as many).
+                if piece.finish_reason:
+                    msg, called = message(gens[i])
+                    delta = {"tool_calls": [{"index": 0, **c} for c in msg["tool_calls"]]} if called else \
+                        {"content": msg["content"]}
+                    yield choice(i, delta, None, _openai_finish(piece.finish_reason, called))
+            elif piece.finish_reason:
+                yield choice(i, {"content": piece.text} if piece.text else {}, piece, _openai_finish(piece.finish_reason))
             elif piece.text:
-                yield choice({"content": piece.text}, piece)
+                yield choice(i, {"content": piece.text}, piece)
         if include_usage:
-            yield {**chunk, "choices": [], "usage": _usage(gen)}
+            yield {**chunk, "choices": [], "usage": _usage(len(ids), gens)}
         yield "[DONE]"
 
     return EventStream(guarded(events(), done="[DONE]"))
@@ -419,53 +569,88 @@ def completion_prompt(router: Router, prompt: str | list) -> tuple[list[int], st
     return list(prompt), router.tokenizer.decode(prompt)
 
 
+def _completion_logprobs(tokens: list[dict], tops: list[list[dict]] | None, offset: int) -> dict:
+    """OpenAI's legacy shape: parallel lists, `text_offset` counting characters from the start of the
+    returned text's context (the prompt's end, or its start when echoed)."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t["text"])
+    return {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{x["text"]: x["logprob"] for x in top} if top is not None else None for top in tops]
+            if tops else None,
+            "text_offset": offsets}
+
+
 async def completions(request: Request) -> Response:
     router = router_of(request)
     body = await parse(request, schemas.CompletionRequest)
     ids, prompt = completion_prompt(router, body.prompt)
-    job = router.openai_job(body, ids, prompt, body.max_tokens, body.logprobs or 0)
+    n, best_of = body.n or 1, body.best_of or body.n or 1
+    if best_of < n:
+        raise ApiError(422, f"best_of ({best_of}) must be at least n ({n})")
+    if best_of > n and (body.stream or best_of > router.settings.max_best_of):
+        raise ApiError(422, f"best_of: at most {router.settings.max_best_of}, and not with stream")
+    if body.echo and body.logprobs:
+        raise ApiError(422, "logprobs: with echo only 0 is supported (prompt tokens come without alternatives)")
+    echo_logprobs = bool(body.echo and body.logprobs is not None)
+    job = router.openai_job(body, ids, prompt, body.max_tokens, body.logprobs or 0, prompt_logprobs=echo_logprobs)
+    jobs = job.copies(best_of)
     echo = prompt if body.echo else ""
     base = {"id": f"cmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
             "system_fingerprint": f"sluice-{sluice.__version__}"}
 
-    def logprobs(tokens: list[dict], tops: list[list[dict]] | None) -> dict | None:
+    def logprobs(gen: Generation) -> dict | None:
         if body.logprobs is None:
             return None
-        return {"tokens": [t["text"] for t in tokens], "token_logprobs": [t["logprob"] for t in tokens],
-                "top_logprobs": [{x["text"]: x["logprob"] for x in top} for top in tops] if tops else None,
-                "text_offset": []}
+        if echo_logprobs:  # the prompt's tokens first, the first of them without a logprob
+            return _completion_logprobs(gen.prefill + gen.tokens, None, 0)
+        return _completion_logprobs(gen.tokens, gen.top_tokens, len(prompt))
 
     if not body.stream:
         async def compute() -> Response:
-            gen = await collect(router, job, hold_back=True)
-            choice = {"index": 0, "text": echo + gen.text, "logprobs": logprobs(gen.tokens, gen.top_tokens),
-                      "finish_reason": _openai_finish(gen.finish_reason)}
-            return JSONResponse({**base, "object": "text_completion", "choices": [choice], "usage": _usage(gen)})
+            gens = await collect_all(router, jobs, hold_back=True)
+            # best_of: keep the n likeliest candidates; usage counts every token generated.
+            kept = sorted(gens, key=lambda g: -g.logprob_sum)[:n] if best_of > n else gens
+            choices = [{"index": i, "text": echo + g.text,
+                        "logprobs": logprobs(g),
+                        "finish_reason": _openai_finish(g.finish_reason)} for i, g in enumerate(kept)]
+            return JSONResponse({**base, "object": "text_completion", "choices": choices,
+                                 "usage": _usage(len(ids), gens)})
 
         return in_app(compute)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[dict | str]:
-        gen = Generation(prompt_tokens=len(ids))
-        first = True
-        async for piece in router.textgen.generate(job.request, job.stops, True, gen):
-            text = (echo if first else "") + piece.text
-            first = False
+        gens = [Generation(prompt_tokens=len(ids)) for _ in jobs]
+        offsets = [len(prompt)] * len(jobs)
+        first = [True] * len(jobs)
+        streams = [router.textgen.generate(j.request, j.stops, True, g) for j, g in zip(jobs, gens)]
+        async for i, piece in interleave(streams):
+            text = (echo if first[i] else "") + piece.text
             token = piece.token or router.textgen.token_dict(0, 0.0, "")
+            lp = None
+            if body.logprobs is not None:
+                tokens = [token]
+                if first[i] and echo_logprobs:
+                    tokens = gens[i].prefill + tokens
+                    offsets[i] = 0
+                lp = _completion_logprobs(tokens, [piece.top_tokens] if piece.top_tokens else None, offsets[i])
+                offsets[i] += sum(len(t["text"]) for t in tokens)
+            first[i] = False
             chunk = {**base, "object": "text_completion",
-                     "choices": [{"index": 0, "text": text,
-                                  "logprobs": logprobs([token], [piece.top_tokens] if piece.top_tokens else None),
+                     "choices": [{"index": i, "text": text, "logprobs": lp,
                                   "finish_reason": _openai_finish(piece.finish_reason)}],
                      # TGI's token object too: the JS @huggingface/inference stream reads `r.token.text`.
                      "token": {**token, "text": text}}
             if piece.finish_reason:
-                chunk["generated_text"] = echo + gen.text
+                chunk["generated_text"] = echo + gens[i].text
             if include_usage:
                 chunk["usage"] = None
             yield chunk
         if include_usage:
-            yield {**base, "object": "text_completion", "choices": [], "usage": _usage(gen)}
+            yield {**base, "object": "text_completion", "choices": [], "usage": _usage(len(ids), gens)}
         yield "[DONE]"
 
     return EventStream(guarded(events(), done="[DONE]"))
@@ -500,14 +685,14 @@ async def info(request: Request) -> Response:
         "model_device_type": shard.device,
         "model_pipeline_tag": "text-generation",
         "max_concurrent_requests": s.max_concurrent_requests,
-        "max_best_of": 1,
+        "max_best_of": s.max_best_of,
         "max_stop_sequences": s.max_stop_sequences,
         "max_input_tokens": s.max_input_tokens,
         "max_total_tokens": s.max_total_tokens,
         "max_top_n_tokens": s.max_top_n_tokens,
         "validation_workers": 1,
         "max_client_batch_size": 1,
-        "num_shard": sum(r.info.num_shard or 1 for r in router.pool.replicas),
+        "num_shard": sum(r.info.num_shard or 1 for r in router.pool.replicas if r.info),
         "num_replicas": len(router.pool.replicas),
         "router": "sluice",
         "version": sluice.__version__,
@@ -527,7 +712,9 @@ async def tokenize(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(router_of(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    router = router_of(request)
+    router.metrics.batch_size.set(sum(r.running for r in router.pool.replicas if r.healthy))
+    return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def openapi_schema() -> dict:
@@ -555,6 +742,9 @@ def openapi_schema() -> dict:
             "/health": get("200 when a shard answers its health check, else 503"),
             "/info": get("model and limits"),
             "/metrics": get("Prometheus metrics"),
+            "/openapi.json": get("this document"),
+            "/docs": {"get": {"summary": "a page pointing at this document",
+                              "responses": {"200": {"description": "OK", "content": {"text/html": {}}}}}},
         },
     }
 

@@ -151,8 +151,10 @@ class Admission:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (METADATA_KEY.encode(), request_id.encode())]}
+                extra = [(METADATA_KEY.encode(), request_id.encode())]
+                if scope.get("sluice.ignored"):  # set by the route's body parser
+                    extra.append((b"x-sluice-ignored-fields", ",".join(scope["sluice.ignored"]).encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
@@ -173,6 +175,8 @@ class Admission:
             await self._admitted(route, scope, receive, send_and_note)
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
+            if scope["method"] == "POST" and path in self.generation_routes:
+                self.metrics.generation_finished(status)
 
     async def _admitted(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         self.load.in_flight += 1

@@ -17,6 +17,7 @@ class RouterSettings:
     api_key: str | None = None  # when set, every route but /health and /metrics needs `Authorization: Bearer <key>`
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
+    max_best_of: int = 4  # candidates per TGI best_of / OpenAI completions best_of
     shard_connect_timeout_s: float = 120.0
     shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     shard_tls_ca: str | None = None  # PEM file: talk TLS to TCP shards, trusting this CA

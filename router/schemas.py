@@ -1,5 +1,8 @@
-"""Request bodies, with TGI's and OpenAI's field names. Unknown fields are ignored and nulls mean "unset",
-because clients send every field they know about (huggingface_hub sends `null` for what the user left out).
+"""Request bodies, with TGI's and OpenAI's field names. Nulls mean "unset", because clients send every
+field they know about (huggingface_hub sends `null` for what the user left out). Unknown fields are kept
+aside (`ignored_fields()`), logged and named in the `x-sluice-ignored-fields` response header: OpenAI
+clients send fields like `store` or `metadata` that change nothing about generation. A known field with a
+value this server cannot honour is a 422 naming it, never silently dropped.
 
 Range checks that need no tokenizer live here as field constraints; the ones that need the prompt's
 length (input and total token budgets) are in app.py.
@@ -24,17 +27,32 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-def _one_sequence(value: int | None, info) -> int | None:
-    if value is not None and value > 1:
-        raise ValueError(f"{info.field_name} > 1 is not supported: this server generates one sequence per request")
+class _Request(_Body):
+    """A top-level body: unknown fields are kept so the route can name them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+def _must_be_unset(value: Any, info) -> Any:
+    if value not in (None, False, ""):
+        raise ValueError(f"{info.field_name} is not supported by this server")
     return value
 
 
 # ---- TGI ----
 
 
-class Parameters(_Body):
-    best_of: int | None = None
+class Grammar(_Body):
+    type: str
+    value: Any = None
+
+
+class Parameters(_Request):
+    adapter_id: str | None = None
+    best_of: Annotated[int | None, Field(ge=1)] = None
     decoder_input_details: bool | None = None
     details: bool | None = None
     do_sample: bool | None = None
@@ -49,27 +67,20 @@ class Parameters(_Body):
     top_n_tokens: Annotated[int | None, Field(ge=0, lt=2**32)] = None
     top_p: TopP = None
     truncate: Annotated[int | None, Field(gt=0, lt=2**32)] = None
-    typical_p: float | None = None  # accepted, not applied
-    watermark: bool | None = None  # accepted, not applied
-    grammar: Any = None
+    typical_p: Annotated[float | None, Field(gt=0, le=1)] = None
+    watermark: bool | None = None
+    grammar: Grammar | None = None
 
-    _best_of = field_validator("best_of")(_one_sequence)
-
-    @field_validator("grammar")
-    @classmethod
-    def _no_grammar(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("grammar-constrained generation is not supported by this server")
-        return value
+    _unsupported = field_validator("watermark", "adapter_id")(_must_be_unset)
 
 
-class GenerateRequest(_Body):
+class GenerateRequest(_Request):
     inputs: str
     parameters: Parameters | None = None
     stream: bool | None = None
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_Request):
     inputs: str
 
 
@@ -81,10 +92,23 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict = "{}"
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message answers this call
 
     @field_validator("role")
     @classmethod
@@ -111,7 +135,35 @@ class StreamOptions(_Body):
     include_usage: bool | None = None
 
 
-class _OpenAISampling(_Body):
+class ResponseFormat(_Body):
+    type: str
+    json_schema: dict | None = None
+
+
+class Function(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Body):
+    type: str
+    function: Function
+
+    @field_validator("type")
+    @classmethod
+    def _function_only(cls, kind: str) -> str:
+        if kind != "function":
+            raise ValueError(f"tool type {kind!r} is not supported: only function")
+        return kind
+
+
+class NamedToolChoice(_Body):
+    type: str = "function"
+    function: Function | dict
+
+
+class _OpenAISampling(_Request):
     model: str | None = None
     max_tokens: NewTokens = None
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
@@ -122,12 +174,20 @@ class _OpenAISampling(_Body):
     seed: Seed = None
     frequency_penalty: OpenAIPenalty = None
     presence_penalty: OpenAIPenalty = None
-    n: int | None = None
+    n: Annotated[int | None, Field(ge=1, le=16)] = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None  # accepted; this server keeps no per-user state
     # Not OpenAI, but vLLM and TGI accept them and some clients send them.
     top_k: TopK = None
     repetition_penalty: Penalty = None
 
-    _n = field_validator("n")(_one_sequence)
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias):
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+        return bias
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -140,23 +200,27 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: NewTokens = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
-    tools: list[Any] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # permission, not a demand: one call per choice is within it
 
-    @field_validator("tools")
+    @field_validator("tool_choice")
     @classmethod
-    def _no_tools(cls, tools):
-        if tools:
-            raise ValueError("tool calling is not supported by this server")
-        return tools
+    def _choice(cls, choice):
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise ValueError(f"expected none, auto, required or a named function, got {choice!r}")
+        return choice
 
 
 class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int]
     logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: Annotated[int | None, Field(ge=1)] = None
+    suffix: str | None = None
 
-    _best_of = field_validator("best_of")(_one_sequence)
+    _suffix = field_validator("suffix")(_must_be_unset)
 
 
 def describe(error: ValidationError) -> str:

@@ -1,11 +1,15 @@
 """gRPC client side: one channel per shard replica, least-in-flight choice, background health polling.
 
-Each address is one data-parallel replica (a tensor-parallel group shows up as one address: its rank 0).
+Each address is one data-parallel replica (a tensor-parallel group shows up as one address: its rank 0),
+except `dns:///name:port`, which stands for every address the name resolves to (compose `--scale shard=N`,
+a Kubernetes headless Service): re-resolved at each health poll, one replica per IP, so least-in-flight
+works per request across them (grpc's own dns: resolver would balance per channel instead).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,34 +45,75 @@ class Replica:
     info: shard_pb2.InfoResponse | None = None
     healthy: bool = False
     in_flight: int = 0
+    running: int = 0  # sequences in the shard's batch, as of the last health check
+
+
+async def resolve(address: str) -> list[str]:
+    """`dns:///name:port` -> one `ipv4:IP:port` / `ipv6:[IP]:port` per record (none while the name is
+    unknown); any other address is itself."""
+    if not address.startswith("dns:///"):
+        return [address]
+    host, _, port = address[len("dns:///"):].rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    ips = sorted({info[4][0] for info in infos})
+    return [f"ipv6:[{ip}]:{port}" if ":" in ip else f"ipv4:{ip}:{port}" for ip in ips]
 
 
 class ShardPool:
     def __init__(self, addresses: list[str], tls_ca: str | None = None) -> None:
         if not addresses:
             raise ValueError("at least one shard address is needed")
-        ca = open(tls_ca, "rb").read() if tls_ca else None
+        self.targets = addresses
+        self.ca = open(tls_ca, "rb").read() if tls_ca else None
+        # A DNS target's replicas are dialled by IP: TLS still checks the certificate against the name.
+        self.tls_name = next((t[len("dns:///"):].rpartition(":")[0] for t in addresses if t.startswith("dns:///")), None)
         # Channels are created here, inside the running event loop: grpc.aio binds them to it.
-        self.replicas = [self._open(a, ca) for a in addresses]
+        self.replicas = [self._open(a) for a in addresses if not a.startswith("dns:///")]
         self._poller: asyncio.Task | None = None
+        self._info: shard_pb2.InfoResponse | None = None
+        self._retired: list[Replica] = []  # gone from DNS, closed once their last stream ends
 
-    @staticmethod
-    def _open(address: str, ca: bytes | None) -> Replica:
+    async def _refresh(self) -> None:
+        """Follow DNS: open a replica for each new address, drop those gone (their streams run to the end)."""
+        if not any(t.startswith("dns:///") for t in self.targets):
+            return
+        wanted = [a for t in self.targets for a in await resolve(t)]
+        known = {r.address for r in self.replicas}
+        self._retired += [r for r in self.replicas if r.address not in wanted]
+        self.replicas = [r for r in self.replicas if r.address in wanted] + [
+            self._open(a) for a in wanted if a not in known]
+        for r in [r for r in self._retired if r.in_flight == 0]:
+            self._retired.remove(r)
+            await r.channel.close()
+
+    def _open(self, address: str) -> Replica:
         # Long generations sit on one stream for minutes; keepalive notices a dead shard.
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.max_receive_message_length", 64 << 20)]
-        if ca and not address.startswith("unix:"):
-            channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options)
+        if self.ca and not address.startswith("unix:"):
+            if self.tls_name and address.startswith(("ipv4:", "ipv6:")):
+                options.append(("grpc.ssl_target_name_override", self.tls_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.ca)
+            channel = grpc.aio.secure_channel(address, credentials, options)
         else:
             channel = grpc.aio.insecure_channel(address, options=options)
         return Replica(address, channel, shard_pb2_grpc.ShardStub(channel))
 
     @property
     def info(self) -> shard_pb2.InfoResponse:
-        return self.replicas[0].info
+        return self._info
 
     async def connect(self, timeout_s: float) -> None:
         """Wait until every replica answers Info (shards take a while to load weights), then start polling."""
         deadline = time.monotonic() + timeout_s
+        await self._refresh()
+        while not self.replicas:  # a DNS name with no records yet: the shards are still starting
+            if time.monotonic() > deadline:
+                raise ShardUnavailable(f"{', '.join(self.targets)} resolved to no address within {timeout_s:.0f} s")
+            await asyncio.sleep(1.0)
+            await self._refresh()
         for replica in self.replicas:
             while True:
                 left = deadline - time.monotonic()
@@ -81,6 +126,7 @@ class ShardPool:
                         shard_pb2.InfoRequest(), timeout=min(left, 10.0), wait_for_ready=True
                     )
                     replica.healthy = True
+                    self._info = self._info or replica.info
                     break
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -101,11 +147,18 @@ class ShardPool:
             reply = await replica.stub.Health(shard_pb2.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             reply = None
+        if reply and reply.ok and replica.info is None:  # found by DNS after start-up
+            try:
+                replica.info = await replica.stub.Info(shard_pb2.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                reply = None
         replica.healthy = bool(reply and reply.ok)
+        replica.running = reply.running if reply else 0
         return reply
 
     async def _poll_health(self) -> None:
         while True:
+            await self._refresh()
             await asyncio.gather(*(self._check(r) for r in self.replicas))
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
@@ -114,6 +167,8 @@ class ShardPool:
         return list(await asyncio.gather(*(self._check(r) for r in self.replicas)))
 
     def _pick(self) -> Replica:
+        if not self.replicas:
+            raise ShardError("no shard replica is known (DNS returned no address)", grpc.StatusCode.UNAVAILABLE)
         healthy = [r for r in self.replicas if r.healthy]
         # With none known healthy, still try: the poller may simply not have seen it come back yet.
         return min(healthy or self.replicas, key=lambda r: r.in_flight)

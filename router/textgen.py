@@ -4,6 +4,7 @@ Routes format what `generate()` yields; everything about turning ids into safe t
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -121,6 +122,11 @@ class Generation:
     tokens: list[dict] = field(default_factory=list)
     top_tokens: list[list[dict]] = field(default_factory=list)
     finish_reason: str | None = None
+    prefill: list[dict] = field(default_factory=list)  # prompt tokens with logprobs, when asked for
+
+    @property
+    def logprob_sum(self) -> float:
+        return sum(t["logprob"] for t in self.tokens)
 
 
 _FINISH = {shard_pb2.FINISH_REASON_LENGTH: "length", shard_pb2.FINISH_REASON_EOS: "eos_token"}
@@ -167,6 +173,9 @@ class TextGenerator:
                 if first:  # prompt length and the seed actually used come with the first message
                     gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
                     gen.seed = request.params.seed if request.params.HasField("seed") else reply.seed
+                    gen.prefill = [self.token_dict(t.id, None if math.isnan(t.logprob) else t.logprob,
+                                                   self.tokenizer.decode([t.id], skip_special_tokens=False))
+                                   for t in reply.prefill]
                     first = False
                 if reply.tokens:
                     if waiting:
@@ -209,6 +218,7 @@ class TextGenerator:
             if waiting:
                 m.queue.dec()
             m.generated_tokens.observe(len(gen.tokens))
+            m.input_length.observe(gen.prompt_tokens or len(request.input_ids))
 
 
 class IncompleteGeneration(RuntimeError):

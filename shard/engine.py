@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from shard.grammar import mask_logits
 from shard.models.llama import AttentionBatch, LlamaModel
 from shard.parallel import broadcast_step
 from shard.sampler import Sampled, SamplingParams, sample
@@ -42,6 +43,8 @@ class Sequence:
         stop_token_ids: frozenset[int] = frozenset(),
         top_n_tokens: int = 0,
         ignore_eos: bool = False,  # benchmarks: run to max_new_tokens whatever the model says
+        matcher=None,  # an llguidance LLMatcher that every sampled token must satisfy
+        prompt_logprobs: bool = False,
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
@@ -57,6 +60,9 @@ class Sequence:
         self.top_n_tokens = top_n_tokens
         self.ignore_eos = ignore_eos
         self.on_event = on_event
+        self.matcher = matcher
+        # Prompt token logprobs, filled chunk by chunk during prefill; the first token has none.
+        self.prefill: list[float] | None = [math.nan] if prompt_logprobs else None
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.blocks: list[int] = []
         self.block_hashes: list[int] = []  # names of this sequence's full blocks, in order
@@ -112,6 +118,8 @@ class BlockManager:
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks already holding this sequence's leading full blocks (at least one token stays
         to compute, so the step still yields logits for it)."""
+        if seq.prefill is not None and len(seq.prefill) < seq.prompt_len:
+            return []  # prompt logprobs need the logits of every prompt position: compute them all
         bs, found, parent = self.block_size, [], 0
         for i in range((seq.num_tokens - 1) // bs):
             parent = hash((parent, *seq.token_ids[i * bs : (i + 1) * bs]))
@@ -328,6 +336,7 @@ class Engine:
                     self.scheduler.remove(seq)
                     seq.on_event("error", f"{type(exc).__name__}: {exc}")
 
+    @torch.inference_mode()  # the logits are inference tensors: masks and penalties edit them in place
     def step(self) -> None:
         scheduled = self.scheduler.schedule()
         if not scheduled:
@@ -335,13 +344,28 @@ class Engine:
             return
         ids, positions, batch, sample_rows = self._prepare(scheduled)
         rows = [r for r in sample_rows if r is not None]
+        prefill = self._prefill_rows(scheduled)
+        all_rows = rows + [r for _, rs, _ in prefill for r in rs]
         if self.model.tp.size > 1:
-            broadcast_step((ids, positions, batch, rows))
+            broadcast_step((ids, positions, batch, all_rows))
         hidden = self.model(ids, positions, batch, self.kv_caches)
         samplers = [seq for (seq, n), row in zip(scheduled, sample_rows) if row is not None]
         results: list[Sampled] = []
+        if all_rows:
+            all_logits = self.model.logits(hidden[all_rows]).cpu()
+            logits = all_logits[: len(rows)]
+        if prefill:
+            logprobs = torch.log_softmax(all_logits[len(rows):], dim=-1)
+            at = 0
+            for seq, rs, targets in prefill:
+                seq.prefill.extend(logprobs[at : at + len(rs)].gather(1, torch.tensor(targets).unsqueeze(1))[:, 0].tolist())
+                at += len(rs)
         if samplers:
-            logits = self.model.logits(hidden[rows]).cpu()
+            constrained = [j for j, s in enumerate(samplers) if s.matcher is not None]
+            if constrained:
+                sub = logits[constrained]
+                mask_logits(sub, [samplers[j].matcher for j in constrained])
+                logits[constrained] = sub
             results = sample(
                 logits,
                 [s.params for s in samplers],
@@ -356,9 +380,25 @@ class Engine:
             self._append(seq, res)
         self.steps += 1
 
+    def _prefill_rows(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int], list[int]]]:
+        """(sequence, rows of this step's hidden states, the prompt token each row predicts) for sequences
+        that asked for prompt logprobs and still miss some (a preempted sequence's are kept, not redone)."""
+        out, start = [], 0
+        for seq, n in scheduled:
+            if seq.prefill is not None and len(seq.prefill) < seq.prompt_len:
+                s = seq.num_computed
+                first, end = max(s, len(seq.prefill) - 1), min(s + n, seq.prompt_len - 1)
+                if first < end:
+                    out.append((seq, [start + p - s for p in range(first, end)], seq.token_ids[first + 1 : end + 1]))
+            start += n
+        return out
+
     def _append(self, seq: Sequence, res: Sampled) -> None:
         seq.token_ids.append(res.token_id)
-        if res.token_id in seq.stop_token_ids or (res.token_id in self.eos and not seq.ignore_eos):
+        # A grammar that is complete (or, defensively, broken) ends the sequence like an eos would.
+        grammar_done = seq.matcher is not None and (not seq.matcher.consume_token(res.token_id)
+                                                    or seq.matcher.is_stopped())
+        if grammar_done or res.token_id in seq.stop_token_ids or (res.token_id in self.eos and not seq.ignore_eos):
             res.finish = FINISH_EOS
         elif seq.num_generated >= seq.max_new_tokens or seq.num_tokens >= self.max_seq_len:
             res.finish = FINISH_LENGTH

@@ -20,6 +20,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    typical_p: float = 1.0
+    # OpenAI logit_bias as (token ids, values) tensors, built once per request; None = no bias.
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -31,7 +34,9 @@ class Sampled:
 
 
 def apply_penalties(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams) -> None:
-    """In place, on one row: CTRL repetition penalty, then OpenAI frequency/presence penalties."""
+    """In place, on one row: logit bias, CTRL repetition penalty, then OpenAI frequency/presence penalties."""
+    if p.logit_bias is not None:
+        logits.index_add_(0, *p.logit_bias)
     if p.repetition_penalty != 1.0:
         seen = history.unique()
         vals = logits[seen]
@@ -50,7 +55,8 @@ def sample(
 ) -> list[Sampled]:
     """logits: float32 [n, vocab], one row per sequence that samples this step."""
     for i, p in enumerate(params):
-        apply_penalties(logits[i], histories[i], p)
+        if p.logit_bias is not None or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            apply_penalties(logits[i], histories[i], p)
     temps = torch.tensor([p.temperature if p.do_sample else 1.0 for p in params]).unsqueeze(1)
     scaled = logits / temps
     logprobs = torch.log_softmax(scaled, dim=-1)
@@ -59,6 +65,9 @@ def sample(
     rows = [i for i, p in enumerate(params) if p.do_sample]
     if rows:
         sub = scaled[rows]
+        for j, i in enumerate(rows):
+            if params[i].typical_p < 1.0:
+                typical_filter(sub[j], params[i].typical_p)
         sorted_logits, order = sub.sort(dim=-1, descending=True)
         ranks = torch.arange(sub.shape[1])
         top_k = torch.tensor([params[i].top_k or sub.shape[1] for i in rows]).unsqueeze(1)
@@ -82,3 +91,14 @@ def sample(
             top = list(zip(ids.tolist(), vals.tolist()))
         out.append(Sampled(tok, float(logprobs[i, tok]), top))
     return out
+
+
+def typical_filter(row: torch.Tensor, mass: float) -> None:
+    """In place: keep the tokens whose surprise is closest to the entropy, up to `mass` of probability
+    (Meister et al., "Locally typical sampling"; what TGI's and transformers' typical_p do)."""
+    logp = torch.log_softmax(row, dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).nansum()
+    order = (-logp - entropy).abs().argsort()
+    keep = int((p[order].cumsum(-1) < mass).sum()) + 1
+    row[order[keep:]] = float("-inf")

@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from shard.engine import FINISH_EOS, Engine, EngineConfig, Sequence, run_worker
+from shard.grammar import GrammarCompiler
 from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
 from shard.sampler import Sampled, SamplingParams
@@ -80,6 +81,7 @@ class ShardService(pb_grpc.ShardServicer):
         self.engine = engine
         self.source = source
         self.settings = settings
+        self.grammars = GrammarCompiler(source, engine.model.cfg.vocab_size)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         cfg = self.engine.model.cfg
@@ -114,7 +116,19 @@ class ShardService(pb_grpc.ShardServicer):
             frequency_penalty=p.frequency_penalty,
             presence_penalty=p.presence_penalty,
             seed=p.seed if p.HasField("seed") else None,
+            typical_p=p.typical_p or 1.0,
         )
+        vocab = self.engine.model.cfg.vocab_size
+        if any(t >= vocab for t in (*request.input_ids, *p.logit_bias)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be below the vocabulary size {vocab}")
+        if p.logit_bias:
+            params.logit_bias = (torch.tensor(list(p.logit_bias.keys())), torch.tensor(list(p.logit_bias.values())))
+        matcher = None
+        if request.grammar:
+            try:  # compiling takes milliseconds to a second: never on the engine thread
+                matcher = await asyncio.to_thread(self.grammars.matcher, request.grammar)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         eos = frozenset(request.stop_token_ids)
         seq = Sequence(
             request.request_id,
@@ -125,6 +139,8 @@ class ShardService(pb_grpc.ShardServicer):
             stop_token_ids=eos,
             top_n_tokens=request.top_n_tokens,
             ignore_eos=request.ignore_eos,
+            matcher=matcher,
+            prompt_logprobs=request.prompt_logprobs,
         )
         try:
             self.engine.submit(seq)
@@ -140,6 +156,8 @@ class ShardService(pb_grpc.ShardServicer):
                 if first:
                     msg.prompt_tokens = seq.prompt_len
                     msg.seed = params.seed or 0
+                    if seq.prefill is not None:
+                        msg.prefill.extend(pb.Token(id=i, logprob=lp) for i, lp in zip(seq.token_ids, seq.prefill))
                     first = False
                 done = False
                 for kind, value in batch:

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(shard, "--allow-remote", action="store_true", help="allow an --address that other hosts can reach")
     _add(shard, "--tls-cert", default=os.environ.get("SHARD_TLS_CERT"), help="PEM certificate: serve gRPC over TLS")
     _add(shard, "--tls-key", default=os.environ.get("SHARD_TLS_KEY"), help="PEM private key for --tls-cert")
+
+    health = sub.add_parser("health", help="probe a router (http://...) or a shard (gRPC address); exit 0 when healthy")
+    _add(health, "--address", default=None,
+         help="default: $SHARD_ADDRESS when set (shard container), else http://127.0.0.1:$PORT/health")
+    _add(health, "--timeout", type=float, default=5.0, help="seconds")
     return parser
 
 
@@ -268,12 +273,21 @@ def run_serve(args: argparse.Namespace) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_health(args: argparse.Namespace) -> None:
+    from sluice.health import check, default_address
+
+    ok, message = check(args.address or default_address(), args.timeout)
+    print(message)
+    raise SystemExit(0 if ok else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     from sluice import logs
 
     logs.setup()
     args = build_parser().parse_args(argv)
-    {"serve": run_serve, "router": run_router, "shard": run_shard}[args.command](args)
+    commands = {"serve": run_serve, "router": run_router, "shard": run_shard, "health": run_health}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,31 @@ CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, "max_input_tokens"),
     ("/v1/chat/completions", {"messages": USER, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {"messages": USER, "top_p": 2}, "top_p"),
-    ("/v1/chat/completions", {"messages": USER, "n": 2}, "n > 1"),
+    ("/v1/chat/completions", {"messages": USER, "n": 17}, "n"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "sometimes", "tools": []}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "web_search", "function": {"name": "f"}}]},
+     "web_search"),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "g"}},
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ("/v1/completions", {"prompt": "Hi", "suffix": "end"}, "suffix"),
+    ("/v1/completions", {"prompt": "Hi", "n": 3, "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "Hi", "best_of": 9}, "best_of"),
+    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 2}, "logprobs"),
+    ("/generate", {"inputs": "Hi", "parameters": {"watermark": True}}, "watermark"),
+    ("/generate", {"inputs": "Hi", "parameters": {"adapter_id": "lora-1"}}, "adapter_id"),
+    ("/generate", {"inputs": "Hi", "parameters": {"typical_p": 1.5}}, "typical_p"),
+    ("/generate", {"inputs": "Hi", "parameters": {"best_of": 9, "do_sample": True}}, "best_of"),
+    ("/generate", {"inputs": "Hi", "parameters": {"grammar": {"type": "regex", "value": "(("}}}, "grammar"),
+    ("/generate", {"inputs": "Hi", "parameters": {"grammar": {"type": "xml", "value": "a"}}}, "grammar.type"),
+    ("/generate_stream", {"inputs": "Hi", "parameters": {"best_of": 2, "do_sample": True}}, "best_of"),
+    ("/generate_stream", {"inputs": "Hi", "parameters": {"decoder_input_details": True}}, "decoder_input_details"),
     ("/v1/chat/completions", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/chat/completions", {"messages": USER, "stream": True, "max_tokens": -1}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "image_url"),
@@ -89,5 +113,5 @@ def test_clients_raise_clear_errors(server):
     # TGI's flat error shape on every route (as TGI itself answers on /v1): the SDK puts the message in
     # `.body` rather than in str(error).
     with pytest.raises(openai.UnprocessableEntityError) as error:
-        oai.chat.completions.create(model="tgi", messages=USER, n=2)
-    assert "n > 1" in error.value.body
+        oai.completions.create(model="tgi", prompt="Hi", suffix="!")
+    assert "suffix" in error.value.body

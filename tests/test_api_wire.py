@@ -74,10 +74,14 @@ def test_tgi_generate_and_compat_route(server):
     out = httpx.post(server + "/generate", json=body, timeout=60).json()
     d = out["details"]
     assert d["finish_reason"] in ("length", "eos_token") and d["generated_tokens"] == len(d["tokens"])
-    assert d["prefill"] == [] and d["seed"] is None
+    assert [t["text"] for t in d["prefill"]] == ["Deep", " learning", " is"] and d["seed"] is None
+    assert d["prefill"][0]["logprob"] is None and all(t["logprob"] < 0 for t in d["prefill"][1:])
     assert "".join(t["text"] for t in d["tokens"]) == out["generated_text"]
     compat = httpx.post(server + "/", json={**body, "stream": False}, timeout=60).json()
     assert compat == [out]
+    # As in TGI, prompt details are not streamed: a stream asking for them is refused.
+    assert httpx.post(server + "/", json={**body, "stream": True}, timeout=60).status_code == 422
+    body["parameters"]["decoder_input_details"] = False
     streamed = httpx.post(server + "/", json={**body, "stream": True}, timeout=60)
     assert streamed.headers["content-type"].startswith("text/event-stream")
     last = json.loads(sse_payloads(streamed.text)[-1])
@@ -130,9 +134,10 @@ def test_tokenize(server):
 def test_metrics(server):
     httpx.post(server + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}, timeout=60)
     text = httpx.get(server + "/metrics").text
-    for name in ("sluice_requests_total", "sluice_requests_in_flight", "sluice_queue_size",
+    for name in ("sluice_requests_total", "sluice_requests_in_flight", "tgi_queue_size", "tgi_batch_current_size",
                  "sluice_time_to_first_token_seconds_bucket", "sluice_inter_token_latency_seconds_bucket",
-                 "sluice_generated_tokens_bucket", "sluice_request_duration_seconds_bucket"):
+                 "tgi_request_generated_tokens_bucket", "tgi_request_input_length_bucket",
+                 "tgi_request_duration_bucket", "tgi_request_count_total", "tgi_request_success_total"):
         assert name in text, name
     assert 'sluice_requests_total{route="/generate",status="200"}' in text
 

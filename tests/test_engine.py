@@ -1,6 +1,8 @@
 """The engine on a real (tiny, random) Llama: batching, chunked prefill, preemption, seeds, cancels."""
 from __future__ import annotations
 
+import math
+import re
 import threading
 
 import pytest
@@ -123,3 +125,56 @@ def test_shared_prefix_reuses_blocks_and_keeps_outputs(model):
     # blocks (prompt tail and generated tokens) are named too.
     assert engine.blocks.hit_tokens >= 2 * 48
     assert len(engine.blocks.free_blocks) == engine.blocks.num_blocks
+
+
+
+def prompt_logprobs(engine: Engine, prompt: list[int]) -> list[float]:
+    done = threading.Event()
+    seq = Sequence("p", prompt, SamplingParams(), 1, lambda kind, value: done.set(), prompt_logprobs=True)
+    engine.submit(seq)
+    assert done.wait(120)
+    return seq.prefill
+
+
+def test_prompt_logprobs_survive_chunks_and_cached_prefixes(model):
+    """Prompt logprobs are the same whether the prompt is prefilled at once, in chunks of 5, or after an
+    earlier request left its leading blocks in the prefix cache (those are recomputed, not skipped)."""
+    prompt = list(range(100, 140))  # 40 tokens: two full blocks of 16
+    whole_engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    whole_engine.start()
+    whole = prompt_logprobs(whole_engine, prompt)
+    whole_engine.stop()
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024, max_batch_tokens=5), eos_token_ids=[])
+    engine.start()
+    chunked = prompt_logprobs(engine, prompt)
+    again = prompt_logprobs(engine, prompt)
+    engine.stop()
+    assert len(whole) == len(prompt) and math.isnan(whole[0]) and all(lp <= 0 for lp in whole[1:])
+    assert chunked[1:] == pytest.approx(whole[1:], abs=1e-4)
+    assert again[1:] == pytest.approx(whole[1:], abs=1e-4)
+
+
+def test_grammar_masks_every_step(model, tiny_llama):
+    """A regex grammar holds on a random model, batched beside an unconstrained sequence."""
+    import llguidance
+
+    from shard.grammar import GrammarCompiler
+
+    compiler = GrammarCompiler(ModelSource("tiny", tiny_llama), model.cfg.vocab_size)
+    matcher = compiler.matcher(llguidance.LLMatcher.grammar_from_regex(r"[0-9]{3}-[a-z]{2}"))
+    params = lambda i: SamplingParams(do_sample=True, seed=i)  # noqa: E731
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    engine.start()
+    outs = {0: [], 1: []}
+    finished = threading.Semaphore(0)
+    for i, m in enumerate([matcher, None]):
+        def on_event(kind, value, i=i):
+            outs[i].append(value)
+            if value.finish:
+                finished.release()
+        engine.submit(Sequence(str(i), PROMPTS[i], params(i), 30, on_event, matcher=m))
+    assert finished.acquire(timeout=120) and finished.acquire(timeout=120)
+    engine.stop()
+    text = compiler.tokenizer().decode_str([t.token_id for t in outs[0]])
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
+    assert outs[0][-1].finish == "eos" and len(outs[1]) == 30

@@ -1,0 +1,127 @@
+"""Constrained decoding, router side: JSON schemas, regexes and tool lists become llguidance grammars
+(checked here, so a bad one is a 422 before any work), which the shard applies as logit masks.
+
+Tool calling is a JSON grammar over the offered functions: the model writes
+`{"name": ..., "arguments": {...}}`, which the routes turn into OpenAI `tool_calls`. With
+`tool_choice: "auto"` one more choice, `{"name": "no_tool", "arguments": {"content": "..."}}`, lets
+the model answer in plain text (TGI's approach). Templates that know no tools (SmolLM2's) get the
+functions and that output format in a system message (TOOL_PROMPT).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+from llguidance import LLMatcher
+
+from .asgi import ApiError
+
+NO_TOOL = "no_tool"
+# Compact JSON: a small model wanders in flexible whitespace, and every space costs a step.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+TOOL_PROMPT = (
+    "You can call these functions:\n{tools}\n"
+    "To call one, answer with only a JSON object {{\"name\": <function name>, \"arguments\": <arguments object>}}.{auto}"
+)
+_AUTO_HINT = f" To answer without a call, use the name \"{NO_TOOL}\" with arguments {{\"content\": <your answer>}}."
+
+
+def _checked(grammar: str, field: str) -> str:
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ApiError(422, f"{field}: {error}")
+    return grammar
+
+
+def json_schema_grammar(schema: dict | str, field: str) -> str:
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise ApiError(422, f"{field}: the schema is not valid JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise ApiError(422, f"{field}: a JSON schema must be an object")
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+    except ValueError as exc:
+        raise ApiError(422, f"{field}: {exc}") from exc
+    return _checked(grammar, field)
+
+
+def regex_grammar(regex: str, field: str) -> str:
+    return _checked(LLMatcher.grammar_from_regex(regex), field)
+
+
+def tgi_grammar(grammar: dict) -> str:
+    """TGI's `{"type": "json" | "json_schema" | "regex", "value": ...}`."""
+    kind, value = grammar.get("type"), grammar.get("value")
+    if kind in ("json", "json_object", "json_schema"):
+        return json_schema_grammar(value if value is not None else {"type": "object"}, "parameters.grammar.value")
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise ApiError(422, "parameters.grammar.value: a regex must be a string")
+        return regex_grammar(value, "parameters.grammar.value")
+    raise ApiError(422, f"parameters.grammar.type: expected json or regex, got {kind!r}")
+
+
+def response_format_grammar(fmt: dict) -> str | None:
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}, "response_format")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        if "schema" not in spec:
+            raise ApiError(422, "response_format.json_schema.schema: required for type json_schema")
+        return json_schema_grammar(spec["schema"], "response_format.json_schema.schema")
+    raise ApiError(422, f"response_format.type: expected text, json_object or json_schema, got {kind!r}")
+
+
+def chosen_tools(tools: list[dict], tool_choice) -> tuple[list[dict], bool]:
+    """(the functions the model may call, whether it may also answer without a call). No functions: no grammar."""
+    functions = [t["function"] for t in tools]
+    if tool_choice in (None, "auto"):
+        return functions, True
+    if tool_choice == "none":
+        return [], True
+    if tool_choice == "required":
+        return functions, False
+    name = tool_choice["function"]["name"]
+    named = [f for f in functions if f["name"] == name]
+    if not named:
+        raise ApiError(422, f"tool_choice: no tool named {name!r} in tools")
+    return named, False
+
+
+def tools_grammar(functions: list[dict], allow_text: bool) -> str:
+    def call(name: str, parameters: dict) -> dict:
+        return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                "required": ["name", "arguments"], "additionalProperties": False}
+
+    # A function takes the arguments it declares: unless the schema says otherwise, no others.
+    options = [call(f["name"], {"additionalProperties": False, **(f.get("parameters") or {"type": "object"})})
+               for f in functions]
+    if allow_text:
+        options.append(call(NO_TOOL, {"type": "object", "properties": {"content": {"type": "string"}},
+                                      "required": ["content"], "additionalProperties": False}))
+    return json_schema_grammar({"anyOf": options}, "tools")
+
+
+def tool_system_prompt(functions: list[dict], allow_text: bool) -> str:
+    listing = "\n".join(json.dumps(f, separators=(",", ":")) for f in functions)
+    return TOOL_PROMPT.format(tools=listing, auto=_AUTO_HINT if allow_text else "")
+
+
+def parse_tool_call(text: str) -> tuple[str | None, list[dict] | None]:
+    """(content, tool_calls) from a generation under tools_grammar. A generation cut short (length) is
+    not valid JSON: it is returned as content, as is a `no_tool` answer."""
+    try:
+        call = json.loads(text)
+    except ValueError:
+        return text, None
+    if call["name"] == NO_TOOL:
+        return call["arguments"].get("content", ""), None
+    return None, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                   "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]

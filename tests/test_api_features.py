@@ -1,0 +1,220 @@
+"""Issue 5's parameters through the real clients (openai SDK, huggingface_hub) on the embedded model:
+n choices, seeds, logprobs against a direct forward, usage counts, constrained decoding, tools,
+best_of, echo, logit_bias, unknown fields and the OpenAPI document."""
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+from huggingface_hub import InferenceClient
+
+from conftest import Server
+from sluice.modelfiles import load_tokenizer, resolve
+
+USER = [{"role": "user", "content": "Name a fruit."}]
+PROMPT = "The three primary colors are"
+
+# Nested objects, enums and arrays; strings and arrays are bounded so a small model finishes in few tokens.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2},
+        "size": {"type": "object", "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                  "ok": {"type": "boolean"}},
+                 "required": ["w", "ok"], "additionalProperties": False},
+    },
+    "required": ["name", "color", "tags", "size"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="-", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory):
+    """A private float32 server: exact comparisons with a reference forward, and batch-composition
+    independence (bf16 matmuls round differently at different batch sizes, which can flip a sample)."""
+    srv = Server(tmp_path_factory.mktemp("fp32"), dtype="float32")
+    yield srv.url
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve(None))
+
+
+def test_n_choices_streamed_and_not(oai, tokenizer):
+    whole = oai.chat.completions.create(model="tgi", messages=USER, n=3, max_tokens=6, seed=11)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in whole.choices)
+    # The prompt is counted once, with the tokenizer's own count of the templated prompt.
+    prompt = tokenizer.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
+    assert whole.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    chunks = list(oai.chat.completions.create(model="tgi", messages=USER, n=3, max_tokens=6, seed=11, stream=True,
+                                              stream_options={"include_usage": True}, logprobs=True))
+    texts, tokens, finishes = ["", "", ""], [0, 0, 0], [None] * 3
+    for c in chunks[:-1]:
+        choice = c.choices[0]
+        texts[choice.index] += choice.delta.content or ""
+        tokens[choice.index] += len(choice.logprobs.content) if choice.logprobs else 0
+        finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    # Same seed, same choices, streamed or not; each choice's own seed comes from the request's.
+    assert texts == [c.message.content for c in whole.choices]
+    assert all(f in ("stop", "length") for f in finishes)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(tokens) == whole.usage.completion_tokens
+
+
+def test_seeded_sampling_ignores_batch_company(fp32):
+    server = fp32
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    alone = httpx.post(server + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    others = [{"prompt": f"Story {i}:", "max_tokens": 12, "temperature": 1.0} for i in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(httpx.post, server + "/v1/completions", json=b, timeout=120) for b in [*others, body]]
+        crowded = futures[-1].result().json()["choices"][0]["text"]
+    assert crowded == alone
+
+
+def test_logprobs_equal_log_softmax_of_the_model(fp32):
+    """Generated and prompt token logprobs from a float32 server against transformers' forward in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    url = fp32
+    path = resolve(None).path
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    out = InferenceClient(base_url=url).text_generation(PROMPT, max_new_tokens=4, details=True,
+                                                        decoder_input_details=True, top_n_tokens=2)
+    prompt_ids = [t.id for t in out.details.prefill]
+    generated = [t.id for t in out.details.tokens]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + generated])).logits[0]
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    ids = prompt_ids + generated
+    ours = [t.logprob for t in out.details.prefill[1:]] + [t.logprob for t in out.details.tokens]
+    expected = [ref[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert out.details.prefill[0].logprob is None
+    assert ours == pytest.approx(expected, abs=2e-3)
+    for step, top in enumerate(out.details.top_tokens):  # huggingface_hub leaves these as dicts
+        vals, top_ids = ref[len(prompt_ids) - 1 + step].topk(2)
+        assert [t["id"] for t in top] == top_ids.tolist()
+        assert [t["logprob"] for t in top] == pytest.approx(vals.tolist(), abs=2e-3)
+    # OpenAI completions with echo give the same prompt logprobs.
+    echoed = openai.OpenAI(base_url=url + "/v1", api_key="-").completions.create(
+        model="x", prompt=PROMPT, max_tokens=1, temperature=0, echo=True, logprobs=0)
+    lp = echoed.choices[0].logprobs
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(prompt_ids)] == pytest.approx(expected[: len(prompt_ids) - 1], abs=2e-3)
+    assert echoed.choices[0].text.startswith(PROMPT) and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+
+
+def test_json_schema_outputs_validate(oai, server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+    whole = oai.chat.completions.create(model="tgi", messages=USER, max_tokens=120, response_format=fmt, seed=1)
+    jsonschema.validate(json.loads(whole.choices[0].message.content), SCHEMA)
+    assert whole.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+        model="tgi", messages=USER, max_tokens=120, response_format=fmt, stream=True, temperature=0) if c.choices)
+    jsonschema.validate(json.loads(streamed), SCHEMA)
+    obj = oai.chat.completions.create(model="tgi", messages=USER, max_tokens=60, temperature=0,
+                                      response_format={"type": "json_object"}, n=2)
+    for choice in obj.choices:
+        if choice.finish_reason == "stop":  # an unbounded object may run out of tokens: then it is "length"
+            assert isinstance(json.loads(choice.message.content), dict)
+    client = InferenceClient(base_url=server)
+    text = client.text_generation("A thing as JSON:", max_new_tokens=120, grammar={"type": "json", "value": SCHEMA})
+    jsonschema.validate(json.loads(text), SCHEMA)
+    events = list(client.text_generation("Phone:", max_new_tokens=20, stream=True, details=True,
+                                         grammar={"type": "regex", "value": r"\d{3}-\d{4}"}))
+    assert re.fullmatch(r"\d{3}-\d{4}", events[-1].generated_text)
+    assert events[-1].details.finish_reason == "eos_token"
+
+
+def test_tool_calls(oai):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    whole = oai.chat.completions.create(model="tgi", messages=messages, tools=[WEATHER], tool_choice="required",
+                                        max_tokens=60, temperature=0)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    chunks = list(oai.chat.completions.create(model="tgi", messages=messages, tools=[WEATHER], stream=True,
+                                              tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                              max_tokens=60, temperature=0))
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments for d in deltas)) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The call and its result go back in as history; the model may answer or call again.
+    follow = oai.chat.completions.create(model="tgi", max_tokens=5, temperature=0, tools=[WEATHER], messages=[
+        *messages, choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}])
+    assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_logit_bias_and_max_completion_tokens(oai, tokenizer):
+    forced = tokenizer(" banana", add_special_tokens=False).input_ids[0]
+    out = oai.chat.completions.create(model="tgi", messages=USER, max_completion_tokens=3, temperature=0,
+                                      logit_bias={str(forced): 100}, user="someone")
+    assert out.choices[0].message.content == tokenizer.decode([forced] * 3)
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "length"
+    plain = oai.chat.completions.create(model="tgi", messages=USER, max_tokens=1, temperature=0, logprobs=True)
+    first = tokenizer(plain.choices[0].logprobs.content[0].token, add_special_tokens=False).input_ids[0]
+    banned = oai.chat.completions.create(model="tgi", messages=USER, max_tokens=1, temperature=0,
+                                         logit_bias={str(first): -100})
+    assert banned.choices[0].message.content != plain.choices[0].message.content
+
+
+def test_best_of_and_typical_p(server, oai):
+    out = InferenceClient(base_url=server).text_generation(PROMPT, max_new_tokens=4, best_of=3, do_sample=True,
+                                                           seed=3, details=True, typical_p=0.9)
+    others = out.details.best_of_sequences
+    assert len(others) == 2
+    best = sum(t.logprob for t in out.details.tokens)
+    assert all(best >= sum(t.logprob for t in s.tokens) for s in others)
+    assert {out.details.seed, *(s.seed for s in others)} == {3, 4, 5}
+    comp = oai.completions.create(model="x", prompt=PROMPT, max_tokens=4, n=2, best_of=3, seed=3, logprobs=1)
+    assert len(comp.choices) == 2 and comp.usage.completion_tokens <= 12
+    sums = [sum(c.logprobs.token_logprobs) for c in comp.choices]
+    assert sums[0] >= sums[1] and all(len(c.logprobs.top_logprobs[0]) == 1 for c in comp.choices)
+
+
+def test_unknown_fields_are_named(server):
+    body = {"model": "x", "messages": USER, "max_tokens": 1, "store": False, "metadata": {"a": "b"}}
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.headers["x-sluice-ignored-fields"] == "metadata,store"
+    r = httpx.post(server + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 1, "foo": 1}})
+    assert r.status_code == 200 and r.headers["x-sluice-ignored-fields"] == "parameters.foo"
+
+
+def test_openapi_covers_routes_and_schemas(server):
+    doc = httpx.get(server + "/openapi.json").json()
+    routes = {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/v1/models",
+              "/health", "/info", "/metrics", "/tokenize", "/openapi.json", "/docs"}
+    assert routes <= set(doc["paths"])
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    text = json.dumps(chat)
+    for field in ("n", "logit_bias", "response_format", "tools", "tool_choice", "top_logprobs", "stream_options"):
+        assert f'"{field}"' in text, field
+    tgi = json.dumps(doc["paths"]["/generate"]["post"]["requestBody"])
+    assert all(f'"{f}"' in tgi for f in ("grammar", "best_of", "typical_p", "decoder_input_details"))
+    assert httpx.get(server + "/info").json()["max_best_of"] == 4
