@@ -224,12 +224,14 @@ class EngineConfig:
 
 def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     # One K and one V tensor per layer (not one big tensor): writes stay in place. Each
-    # tensor-parallel rank holds only its own KV heads.
+    # tensor-parallel rank holds only its own KV heads. zero_() writes every page now: a lazily
+    # mapped cache would grow the process's resident memory block by block under load, up to the
+    # whole cache, and an out-of-memory would come late instead of at start-up.
     cfg, w = model.cfg, model.embed_tokens
     num_blocks = config.kv_cache_tokens // config.block_size
     shape = (num_blocks * config.block_size, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
-    return [(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
-            for _ in range(cfg.num_layers)]
+    return [(torch.empty(shape, dtype=w.dtype, device=w.device).zero_(),
+             torch.empty(shape, dtype=w.dtype, device=w.device).zero_()) for _ in range(cfg.num_layers)]
 
 
 def run_worker(model: LlamaModel, config: EngineConfig) -> None:
