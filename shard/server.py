@@ -27,6 +27,7 @@ from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
 from shard.sampler import Sampled, SamplingParams
 from sluice import shard_pb2 as pb
+from sluice.process import die_with_parent
 from sluice import shard_pb2_grpc as pb_grpc
 from sluice.logs import METADATA_KEY, REQUEST_ID
 from sluice.modelfiles import ModelSource
@@ -222,15 +223,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def main(settings: ShardSettings, source: ModelSource) -> None:
     """Start this shard: one process, or a tensor-parallel group of `num_shard` ranks.
 
@@ -248,7 +240,7 @@ def main(settings: ShardSettings, source: ModelSource) -> None:
         os.environ.update(env)
         for r in range(1, world):
             children.append(subprocess.Popen([sys.executable, "-m", "sluice", *sys.argv[1:]],
-                                             env=dict(env, RANK=str(r)), preexec_fn=_die_with_parent))
+                                             env=dict(env, RANK=str(r)), preexec_fn=die_with_parent))
     tp = TPGroup()
     if world > 1:
         tp = init_group(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), settings.backend)

@@ -16,6 +16,8 @@ import tempfile
 import threading
 import time
 
+from sluice.process import die_with_parent
+
 log = logging.getLogger("sluice")
 
 
@@ -185,15 +187,6 @@ def _wait_for_shard(address: str, proc: subprocess.Popen, timeout: float = 300.0
     raise SystemExit(f"sluice: the shard did not become healthy within {timeout:.0f}s")
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class ShardSupervisor:
     """Runs the shard process and restarts it if it dies, so the router (which keeps its gRPC
     channel and reconnects) resumes serving without a restart of its own."""
@@ -207,7 +200,7 @@ class ShardSupervisor:
     def _spawn(self) -> subprocess.Popen:
         # Own session: Ctrl-C reaches only the launcher, which then stops the shard in order.
         # PDEATHSIG: if the launcher is killed outright, the shard goes with it.
-        return subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        return subprocess.Popen(self.argv, start_new_session=True, preexec_fn=die_with_parent)
 
     def watch(self) -> None:
         while not self.stopping:
