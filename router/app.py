@@ -823,6 +823,7 @@ def serve(settings: RouterSettings) -> None:
         uvicorn's own shutdown runs. SIGINT, or a second SIGTERM, still stops at once."""
 
         drain_deadline: float | None = None
+        abort_deadline: float | None = None
 
         def handle_exit(self, sig, frame) -> None:
             if sig == signal.SIGTERM and self.drain_deadline is None:
@@ -837,9 +838,16 @@ def serve(settings: RouterSettings) -> None:
 
         async def on_tick(self, counter: int) -> bool:
             if self.drain_deadline is not None and not self.should_exit:
-                if load.in_flight == 0 or time.monotonic() >= self.drain_deadline:
-                    if load.in_flight:
-                        log.warning("shutdown timeout: cancelling %d request(s) still in flight", load.in_flight)
+                now = time.monotonic()
+                if load.in_flight and now >= self.drain_deadline and self.abort_deadline is None:
+                    # Streams still going get a last error event (non-streamed requests a 500) rather than
+                    # a connection that just drops; a moment later uvicorn closes whatever is left.
+                    log.warning("shutdown timeout: stopping %d request(s) still in flight", load.in_flight)
+                    app.state.router.pool.abort_all(
+                        f"the server is shutting down: generation stopped after the {settings.shutdown_timeout_s:g} s "
+                        "shutdown timeout")
+                    self.abort_deadline = now + 2.0
+                if load.in_flight == 0 or (self.abort_deadline is not None and now >= self.abort_deadline):
                     self.should_exit = True
             return await super().on_tick(counter)
 

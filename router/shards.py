@@ -75,6 +75,8 @@ class ShardPool:
         self._poller: asyncio.Task | None = None
         self._info: shard_pb2.InfoResponse | None = None
         self._retired: list[Replica] = []  # gone from DNS, closed once their last stream ends
+        self._calls: set = set()  # Generate calls in flight, for abort_all
+        self._abort_reason: str | None = None
 
     async def _refresh(self) -> None:
         """Follow DNS: open a replica for each new address, drop those gone (their streams run to the end)."""
@@ -166,26 +168,53 @@ class ShardPool:
         """Ask every replica now (for /health), not the cached poll result."""
         return list(await asyncio.gather(*(self._check(r) for r in self.replicas)))
 
-    def _pick(self) -> Replica:
+    def _pick(self, tried: set[str] = frozenset()) -> Replica:
         if not self.replicas:
             raise ShardError("no shard replica is known (DNS returned no address)", grpc.StatusCode.UNAVAILABLE)
-        healthy = [r for r in self.replicas if r.healthy]
+        healthy = [r for r in self.replicas if r.healthy and r.address not in tried]
         # With none known healthy, still try: the poller may simply not have seen it come back yet.
         return min(healthy or self.replicas, key=lambda r: r.in_flight)
 
     async def generate(self, request: shard_pb2.GenerateRequest) -> AsyncIterator[shard_pb2.GenerateResponse]:
         """Stream one request's tokens. Leaving the loop early (stop sequence, disconnect) cancels the RPC,
-        which frees the sequence in the engine."""
-        replica = self._pick()
-        replica.in_flight += 1
-        call = replica.stub.Generate(request, metadata=((METADATA_KEY, REQUEST_ID.get()),))
-        try:
-            async for reply in call:
-                yield reply
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                replica.healthy = False
-            raise ShardError(f"shard {replica.address}: {exc.code().name}: {exc.details()}", exc.code()) from exc
-        finally:
-            replica.in_flight -= 1
+        which frees the sequence in the engine. A replica that refuses with UNAVAILABLE before the first
+        reply (draining, or gone) hands the request to another healthy one, if there is one."""
+        tried: set[str] = set()
+        while True:
+            replica = self._pick(tried)
+            tried.add(replica.address)
+            replica.in_flight += 1
+            call = replica.stub.Generate(request, metadata=((METADATA_KEY, REQUEST_ID.get()),))
+            self._calls.add(call)
+            started = False
+            try:
+                async for reply in call:
+                    started = True
+                    yield reply
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    replica.healthy = False
+                    if not started and any(r.healthy and r.address not in tried for r in self.replicas):
+                        log.info("shard %s unavailable (%s): trying another replica", replica.address, exc.details())
+                        continue
+                raise ShardError(f"shard {replica.address}: {exc.code().name}: {exc.details()}", exc.code()) from exc
+            except asyncio.CancelledError:
+                # grpc.aio reports a call cancelled by abort_all as this task's cancellation; it is not.
+                task = asyncio.current_task()
+                if self._abort_reason is None or (task is not None and task.cancelling()):
+                    raise
+                raise ShardError(self._abort_reason, grpc.StatusCode.UNAVAILABLE) from None
+            finally:
+                self._calls.discard(call)
+                replica.in_flight -= 1
+                call.cancel()
+
+    def abort_all(self, reason: str) -> int:
+        """End every Generate call in flight with ShardError(reason): each stream then closes with an
+        error event instead of just stopping. Used when the shutdown timeout runs out. Returns how many."""
+        self._abort_reason = reason
+        calls = list(self._calls)
+        for call in calls:
             call.cancel()
+        return len(calls)

@@ -8,6 +8,8 @@ hands it to that request's callback. Requests join and leave the batch between s
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
@@ -27,6 +29,31 @@ from shard.sampler import Sampled, SamplingParams, sample
 log = logging.getLogger("sluice.engine")
 
 FINISH_LENGTH, FINISH_EOS = "length", "eos"
+TRIM_INTERVAL_S = 10.0
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS. Each step allocates tensors of new sizes (batch and
+    context change all the time); glibc keeps what they freed inside its heap, fragmented, so the
+    shard's resident memory crept up under varied load (+20% over a 3,000-request soak) though
+    nothing leaked. malloc_trim takes a few ms; the engine calls it when idle and every
+    TRIM_INTERVAL_S while busy."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+class Draining(RuntimeError):
+    """submit() after drain(): the shard is shutting down."""
 
 
 class Sequence:
@@ -238,11 +265,15 @@ def run_worker(model: LlamaModel, config: EngineConfig) -> None:
     """Tensor-parallel ranks other than 0: run every step rank 0 broadcasts, on this rank's slice."""
     kv_caches = allocate_kv_caches(model, config)
     torch.set_grad_enabled(False)
+    trimmed_at = time.monotonic()
     while (step := broadcast_step(None)) is not None:
         ids, positions, batch, rows = step
         hidden = model(ids, positions, batch, kv_caches)
         if rows:
             model.logits(hidden[rows])  # joins the vocabulary all-gather; rank 0 samples
+        if time.monotonic() - trimmed_at > TRIM_INTERVAL_S:
+            release_free_memory()
+            trimmed_at = time.monotonic()
 
 
 class Engine:
@@ -263,10 +294,14 @@ class Engine:
         self._running = False
         self.steps = 0
         self.failed: str | None = None  # set when the tensor-parallel group broke: the shard is unhealthy
+        self._trimmed_at, self._trimmed_step = time.monotonic(), 0
         self.on_fatal: Callable[[str], None] | None = None
+        self.drain_deadline: float | None = None
 
     # --- called from other threads -------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
+        if self.drain_deadline is not None:
+            raise Draining("the shard is shutting down and takes no new requests")
         if not seq.token_ids:
             raise ValueError("empty prompt")
         if seq.num_tokens >= self.max_seq_len:
@@ -286,7 +321,14 @@ class Engine:
         self._thread.start()
 
     def alive(self) -> bool:
-        return self._running and self.failed is None
+        return self._running and self.failed is None and self.drain_deadline is None
+
+    def drain(self, timeout_s: float) -> None:
+        """Take no new requests, let those in flight finish for up to `timeout_s`, fail the rest, stop."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + timeout_s
+            log.info("draining %d request(s) in flight, for up to %.0f s", sum(self.stats()[:2]), timeout_s)
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop = True
@@ -297,6 +339,9 @@ class Engine:
     def fail_all(self, message: str) -> None:
         """Give every in-flight request an error (used when a tensor-parallel rank died)."""
         self.failed = message
+        self._fail_in_flight(message)
+
+    def _fail_in_flight(self, message: str) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting, *self._inbox]:
             seq.on_event("error", message)
 
@@ -320,7 +365,16 @@ class Engine:
                 self.scheduler.waiting.append(self._inbox.popleft())
             for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled]:
                 self.scheduler.remove(seq)
-            if not self.scheduler.running and not self.scheduler.waiting:
+            idle = not self.scheduler.running and not self.scheduler.waiting
+            if self.drain_deadline is not None and (idle or time.monotonic() >= self.drain_deadline):
+                if not idle:
+                    log.warning("shutdown timeout: failing %d request(s) still in flight", sum(self.stats()[:2]))
+                    self._fail_in_flight("the shard is shutting down: generation stopped at its shutdown timeout")
+                return
+            if self.steps != self._trimmed_step and (idle or time.monotonic() - self._trimmed_at > TRIM_INTERVAL_S):
+                release_free_memory()
+                self._trimmed_at, self._trimmed_step = time.monotonic(), self.steps
+            if idle:
                 self._wake.wait(timeout=1.0)  # a timeout keeps signal handlers prompt in the main thread
                 self._wake.clear()
                 continue

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from shard.engine import FINISH_EOS, Engine, EngineConfig, Sequence, run_worker
+from shard.engine import FINISH_EOS, Draining, Engine, EngineConfig, Sequence, run_worker
 from shard.grammar import GrammarCompiler
 from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
@@ -53,6 +53,7 @@ class ShardSettings:
     allow_remote: bool = False  # serve gRPC on an address other hosts can reach
     tls_cert: str | None = None  # PEM files: serve gRPC over TLS
     tls_key: str | None = None
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
 
 
 def is_local(address: str) -> bool:
@@ -147,6 +148,8 @@ class ShardService(pb_grpc.ShardServicer):
             self.engine.submit(seq)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Draining as exc:  # UNAVAILABLE: the router may send it to another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         first, done = True, False
         try:
             while True:
@@ -284,8 +287,10 @@ def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = Non
         raise SystemExit(box["error"])
     if children:
         threading.Thread(target=_watch_ranks, args=(engine, children), daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: engine.stop())
+    # SIGTERM drains (a second one, or SIGINT, stops at once): Kubernetes and compose send it before
+    # SIGKILL, and requests in flight should finish rather than fail.
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop() if engine.drain_deadline else engine.drain(settings.shutdown_timeout_s))
+    signal.signal(signal.SIGINT, lambda *_: engine.stop())
     engine.run()
     box["loop"].call_soon_threadsafe(box["stop"].set)
     grpc_thread.join(timeout=5)

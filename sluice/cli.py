@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(shard, "--allow-remote", action="store_true", help="allow an --address that other hosts can reach")
     _add(shard, "--tls-cert", default=os.environ.get("SHARD_TLS_CERT"), help="PEM certificate: serve gRPC over TLS")
     _add(shard, "--tls-key", default=os.environ.get("SHARD_TLS_KEY"), help="PEM private key for --tls-cert")
+    _add(shard, "--shutdown-timeout", type=float, default=float(os.environ.get("SHUTDOWN_TIMEOUT", 30)),
+         help="seconds requests in flight may take to finish after SIGTERM (new ones are refused)")
 
     health = sub.add_parser("health", help="probe a router (http://...) or a shard (gRPC address); exit 0 when healthy")
     _add(health, "--address", default=None,
@@ -138,6 +140,7 @@ def run_shard(args: argparse.Namespace) -> None:
         allow_remote=bool(remote["allow_remote"]),
         tls_cert=remote["tls_cert"],
         tls_key=remote["tls_key"],
+        shutdown_timeout_s=args.shutdown_timeout,
     )
     try:
         main(settings, source)
@@ -250,7 +253,7 @@ def run_serve(args: argparse.Namespace) -> None:
             "--max-batch-total-tokens", str(args.max_batch_total_tokens),
             "--max-batch-prefill-tokens", str(args.max_batch_prefill_tokens),
             "--max-batch-size", str(args.max_batch_size), "--num-shard", str(args.num_shard),
-            "--device", args.device]
+            "--device", args.device, "--shutdown-timeout", str(args.shutdown_timeout)]
     if args.model_id:
         argv += ["--model-id", str(source.path)]
     if args.num_threads:

@@ -51,3 +51,53 @@ def test_sigterm_when_idle_exits_0_at_once(start_server):
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(timeout=60) == 0
     assert "draining 0 request(s)" in srv.log_path.read_text()
+
+
+def test_streams_left_at_the_shutdown_timeout_end_with_an_error_event(start_server):
+    url = start_server(shutdown_timeout=1)
+    srv = start_server.servers[-1]
+    (shard,) = children(srv.proc.pid)
+    chat = {"messages": [{"role": "user", "content": "Count to 100."}], "max_tokens": 30, "stream": True}
+    with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as tgi:
+        tgi_lines = tgi.iter_lines()
+        assert "error" not in json.loads(next(tgi_lines).removeprefix("data: "))
+        os.kill(shard, signal.SIGSTOP)  # nothing more is generated: both streams are surely in flight
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=chat, timeout=120) as openai:
+                assert openai.status_code == 200
+                srv.proc.send_signal(signal.SIGTERM)
+                chat_events = [line.removeprefix("data: ") for line in openai.iter_lines() if line]
+            tgi_events = [json.loads(line.removeprefix("data: ")) for line in tgi_lines if line]
+        finally:
+            os.kill(shard, signal.SIGCONT)
+    # TGI route: the last event is TGI's error event, which huggingface_hub raises as an error.
+    assert tgi_events[-1]["error_type"] == "generation" and "shutting down" in tgi_events[-1]["error"]
+    # OpenAI route: an error event, then the [DONE] the openai SDK waits for.
+    assert chat_events[-1] == "[DONE]"
+    error = json.loads(chat_events[-2])
+    assert "shutting down" in error["error"] and error["error_type"] == "generation"
+    assert srv.proc.wait(timeout=60) == 0
+    assert "shutdown timeout: stopping 2 request(s)" in srv.log_path.read_text()
+
+
+def test_sigterm_to_the_shard_alone_drains_it(start_server):
+    """Kubernetes and compose stop the shard container on its own: SIGTERM lets its stream finish, then it
+    exits 0 (here `sluice serve` starts it again, and the same router serves on)."""
+    url = start_server()
+    srv = start_server.servers[-1]
+    (shard,) = children(srv.proc.pid)
+    with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as r:
+        lines = r.iter_lines()
+        next(lines)
+        os.kill(shard, signal.SIGSTOP)  # so the SIGTERM surely lands mid-stream
+        os.kill(shard, signal.SIGTERM)
+        os.kill(shard, signal.SIGCONT)
+        events = [json.loads(line.removeprefix("data: ")) for line in lines if line]
+    assert all("error" not in e for e in events)
+    assert 1 + len(events) == 30 and events[-1]["details"]["generated_tokens"] == 30
+    wait_for(lambda: "shard exited with code 0" in srv.log_path.read_text())
+    log = srv.log_path.read_text()
+    assert "draining 1 request(s) in flight" in log
+    wait_for(lambda: httpx.get(url + "/health").status_code == 200)
+    again = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}, timeout=120)
+    assert again.status_code == 200 and again.json()["generated_text"]

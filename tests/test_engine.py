@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from shard.engine import Engine, EngineConfig, Sequence
+from shard.engine import Draining, Engine, EngineConfig, Sequence
 from shard.models.loader import load_model
 from shard.sampler import SamplingParams
 from sluice.modelfiles import ModelSource
@@ -92,6 +92,34 @@ def test_cancel_frees_blocks_before_next_step(model):
     assert seq.blocks == [] and engine.scheduler.running == []
     assert len(engine.blocks.free_blocks) == engine.blocks.num_blocks
     assert seq.num_generated < 10_000
+
+
+def _drained(model, max_new: int, timeout_s: float) -> list:
+    """Events of one sequence whose engine is told to drain once its first token is out."""
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    events, first = [], threading.Event()
+    engine.start()
+    engine.submit(Sequence("x", PROMPTS[0], SamplingParams(), max_new, lambda *e: (events.append(e), first.set())))
+    assert first.wait(60)
+    engine.drain(timeout_s)
+    assert not engine.alive()  # /health, and so the router and probes, see it at once
+    with pytest.raises(Draining):
+        engine.submit(Sequence("late", PROMPTS[2], SamplingParams(), 5, lambda *a: None))
+    engine._thread.join(timeout=120)
+    assert not engine._thread.is_alive(), "the loop ends by itself after the drain"
+    assert engine.failed is None  # a drain is not a broken tensor-parallel group
+    return events
+
+
+def test_drain_lets_work_in_flight_finish_and_refuses_new(model):
+    events = _drained(model, 30, timeout_s=600)
+    assert [k for k, _ in events] == ["token"] * 30 and events[-1][1].finish == "length"
+
+
+def test_drain_fails_what_is_left_at_the_deadline(model):
+    events = _drained(model, 10**9, timeout_s=0)
+    assert [k for k, _ in events[:-1]] == ["token"] * (len(events) - 1)
+    assert events[-1][0] == "error" and "shutting down" in events[-1][1]
 
 
 def test_prompt_too_long_is_refused(model):
