@@ -45,6 +45,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def settled_rss_mb(router: int, shard: int) -> tuple[float, float]:
+    """Resident memory at rest: the shard's engine hands freed heap back to the OS once it idles."""
+    time.sleep(2)
+    return rss_mb(router), rss_mb(shard)
+
+
 def shard_pid(pid: int) -> int:
     return int(next(c for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()))
 
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--report-every", type=int, default=500, help="print resident memory after each this many requests")
     ap.add_argument("--model-id", default=None)
     args = ap.parse_args()
 
@@ -167,15 +174,19 @@ def main() -> None:
             time.sleep(0.5)
         shard = shard_pid(proc.pid)
         asyncio.run(load(url, args.warmup, args.concurrency, args.seed + 1))
-        warm = rss_mb(proc.pid), rss_mb(shard)
+        warm = settled_rss_mb(proc.pid, shard)
         t0 = time.monotonic()
-        outcomes = asyncio.run(load(url, args.requests, args.concurrency, args.seed))
+        outcomes: Counter = Counter()
+        for done in range(0, args.requests, args.report_every):  # the same load, in parts, to show the trend
+            n = min(args.report_every, args.requests - done)
+            outcomes += asyncio.run(load(url, n, args.concurrency, args.seed + done))
+            print("  after %d requests: router RSS %.1f MB, shard RSS %.1f MB" % (done + n, *settled_rss_mb(proc.pid, shard)),
+                  flush=True)
         took = time.monotonic() - t0
-        time.sleep(1)  # let the last disconnects reach the router
+        end = settled_rss_mb(proc.pid, shard)  # also lets the last disconnects reach the router
         metrics = httpx.get(url + "/metrics").text
         in_flight = float(next(line.split()[-1] for line in metrics.splitlines()
                                if line.startswith("sluice_requests_in_flight ")))
-        end = rss_mb(proc.pid), rss_mb(shard)
         health = httpx.get(url + "/health").json()["shards"][0]
     finally:
         proc.send_signal(signal.SIGTERM)
