@@ -247,6 +247,16 @@ class EngineConfig:
     block_size: int = 16
     max_batch_size: int = 64
     max_batch_tokens: int = 512  # tokens per step: bounds how long a long prompt stalls decodes
+    compile: bool = False  # decode-only steps through torch.compile (see Engine._compiled)
+
+
+# Decode steps run padded to these shapes so that torch.compile builds few graphs: the batch up to
+# a power of two (one graph each), the context up to a multiple of L_ALIGN (a dynamic dimension).
+L_ALIGN = 64
+
+
+def decode_bucket(batch_size: int) -> int:
+    return 1 << (batch_size - 1).bit_length()
 
 
 def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -254,9 +264,12 @@ def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[to
     # tensor-parallel rank holds only its own KV heads. zero_() writes every page now: a lazily
     # mapped cache would grow the process's resident memory block by block under load, up to the
     # whole cache, and an out-of-memory would come late instead of at start-up.
+    # Compiled decode steps pad the batch with rows whose K/V must land somewhere no sequence reads:
+    # one scratch slot past the last block.
     cfg, w = model.cfg, model.embed_tokens
     num_blocks = config.kv_cache_tokens // config.block_size
-    shape = (num_blocks * config.block_size, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
+    slots = num_blocks * config.block_size + (1 if config.compile else 0)
+    shape = (slots, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
     return [(torch.empty(shape, dtype=w.dtype, device=w.device).zero_(),
              torch.empty(shape, dtype=w.dtype, device=w.device).zero_()) for _ in range(cfg.num_layers)]
 
@@ -274,6 +287,19 @@ def run_worker(model: LlamaModel, config: EngineConfig) -> None:
         if time.monotonic() - trimmed_at > TRIM_INTERVAL_S:
             release_free_memory()
             trimmed_at = time.monotonic()
+
+
+def compile_decode(model: LlamaModel) -> Callable:
+    """torch.compile of the model for decode-only steps. Eager, each step pays a fixed ~8-15 ms
+    of Python and ATen dispatch over ~700 small ops; the compiled graph fuses them. Each batch
+    bucket is compiled the first time it is used (tens of seconds on a small CPU), not at start-up."""
+    if model.tp.size > 1:
+        raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
+    import torch._dynamo
+
+    # One graph per batch bucket (1..64: 7) plus the odd guard failure; the default limit of 8 is tight.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    return torch.compile(model.hidden_states, dynamic=False)
 
 
 class Engine:
@@ -297,6 +323,10 @@ class Engine:
         self._trimmed_at, self._trimmed_step = time.monotonic(), 0
         self.on_fatal: Callable[[str], None] | None = None
         self.drain_deadline: float | None = None
+        self._compiled: Callable | None = None
+        if config.compile:
+            self._compiled = compile_decode(model)
+            self.scratch_slot = num_blocks * config.block_size
 
     # --- called from other threads -------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -404,7 +434,8 @@ class Engine:
         all_rows = rows + [r for _, rs, _ in prefill for r in rs]
         if self.model.tp.size > 1:
             broadcast_step((ids, positions, batch, all_rows))
-        hidden = self.model(ids, positions, batch, self.kv_caches)
+        forward = self._compiled if self._compiled is not None and batch.q_index is None else self.model
+        hidden = forward(ids, positions, batch, self.kv_caches)
         samplers = [seq for (seq, n), row in zip(scheduled, sample_rows) if row is not None]
         results: list[Sampled] = []
         if all_rows:
@@ -478,6 +509,9 @@ class Engine:
             ctx.append(s + n)
             sample_rows.append(len(ids) - 1 if s + n == seq.num_tokens else None)
         B, Qm, Lm = len(scheduled), max(lens), max(ctx)
+        pad = self._compiled is not None and Qm == 1
+        if pad:
+            Lm = -(-Lm // L_ALIGN) * L_ALIGN
         max_blocks = math.ceil(Lm / bs)
         table = torch.tensor([seq.blocks[:max_blocks] + [0] * (max_blocks - len(seq.blocks[:max_blocks])) for seq, _ in scheduled])
         kv_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(B, -1)[:, :Lm]
@@ -495,8 +529,21 @@ class Engine:
             q_index = torch.where(q_valid, starts_t + qi, 0)
             q_pos = torch.tensor([seq.num_computed for seq, _ in scheduled]).unsqueeze(1) + qi  # [B, Qm]
             mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
+        ids_t = torch.tensor(ids)
+        if pad and (extra := decode_bucket(B) - B):
+            # Padding rows: token 0 at position 0, attending to slot 0 only (finite, so no NaN
+            # anywhere), writing to the scratch slot. Nobody samples from them.
+            ids_t = torch.cat((ids_t, torch.zeros(extra, dtype=ids_t.dtype)))
+            pos_t = torch.cat((pos_t, torch.zeros(extra, dtype=pos_t.dtype)))
+            slot_mapping = torch.cat((slot_mapping, torch.full((extra,), self.scratch_slot, dtype=slot_mapping.dtype)))
+            kv_slots = torch.cat((kv_slots, torch.zeros(extra, Lm, dtype=kv_slots.dtype)))
+            mask = torch.cat((mask, (keys == 0).expand(extra, 1, Lm)))
+        if pad:
+            # The context length changes every L_ALIGN tokens: one graph for all of them.
+            torch._dynamo.mark_dynamic(kv_slots, 1)
+            torch._dynamo.mark_dynamic(mask, 2)
         batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
         if self.device.type != "cpu":
             batch = AttentionBatch(*(None if t is None else t.to(self.device, non_blocking=True) for t in vars(batch).values()))
-            return torch.tensor(ids, device=self.device), pos_t.to(self.device), batch, sample_rows
-        return torch.tensor(ids), pos_t, batch, sample_rows
+            return ids_t.to(self.device), pos_t.to(self.device), batch, sample_rows
+        return ids_t, pos_t, batch, sample_rows

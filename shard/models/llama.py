@@ -196,6 +196,17 @@ class LlamaModel(nn.Module):
         batch: AttentionBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
+        return self.hidden_states(ids, positions, batch, kv_caches)
+
+    def hidden_states(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: AttentionBatch,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """`forward` without its inference_mode decorator: what torch.compile traces (the engine
+        calls it inside inference mode)."""
         x = self.embed(ids)
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
