@@ -54,6 +54,7 @@ class ShardSettings:
     tls_cert: str | None = None  # PEM files: serve gRPC over TLS
     tls_key: str | None = None
     shutdown_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
+    compile: bool = False  # torch.compile decode-only steps (num_shard 1 only)
 
 
 def is_local(address: str) -> bool:
@@ -198,6 +199,7 @@ def _engine_config(settings: ShardSettings) -> EngineConfig:
         block_size=settings.block_size,
         max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_prefill_tokens,
+        compile=settings.compile,
     )
 
 

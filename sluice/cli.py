@@ -48,6 +48,9 @@ def _shard_flags(p: argparse.ArgumentParser) -> None:
          help="tokens computed per engine step; longer prompts are split across steps")
     _add(p, "--max-batch-size", type=int, default=_env_int("MAX_BATCH_SIZE", 64), help="running sequences per step")
     _add(p, "--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    _add(p, "--compile", action="store_true", default=os.environ.get("COMPILE", "") not in ("", "0"),
+         help="torch.compile decode steps (num-shard 1 only): faster small-batch decode, each batch size "
+              "compiled on first use (seconds to a minute each)")
 
 
 def _router_flags(p: argparse.ArgumentParser) -> None:
@@ -126,7 +129,7 @@ def run_shard(args: argparse.Namespace) -> None:
     remote = {k: getattr(args, k, None) for k in ("allow_remote", "tls_cert", "tls_key")}
     check_bind(ShardSettings(address=address, **remote))  # before the (slow) model load
     source = _resolve_or_exit(args.model_id)
-    _check_split(source, args.num_shard)
+    _check_split(source, args.num_shard, args.compile)
     settings = ShardSettings(
         model_id=args.model_id,
         address=address,
@@ -141,6 +144,7 @@ def run_shard(args: argparse.Namespace) -> None:
         tls_cert=remote["tls_cert"],
         tls_key=remote["tls_key"],
         shutdown_timeout_s=args.shutdown_timeout,
+        compile=args.compile,
     )
     try:
         main(settings, source)
@@ -226,7 +230,9 @@ class ShardSupervisor:
                 self.proc.kill()
 
 
-def _check_split(source, num_shard: int) -> None:
+def _check_split(source, num_shard: int, compile: bool = False) -> None:
+    if compile and num_shard > 1:
+        raise SystemExit("sluice: --compile supports --num-shard 1 only (the tensor-parallel collectives are not compiled)")
     if num_shard > 1:
         from shard.models.loader import model_config
         from shard.parallel import check_divisible
@@ -241,7 +247,7 @@ def _check_split(source, num_shard: int) -> None:
 def run_serve(args: argparse.Namespace) -> None:
     _check_port(args.hostname, args.port)
     source = _resolve_or_exit(args.model_id)
-    _check_split(source, args.num_shard)
+    _check_split(source, args.num_shard, args.compile)
     tmp = None
     if args.shard_uds_path:
         uds = args.shard_uds_path
@@ -258,6 +264,8 @@ def run_serve(args: argparse.Namespace) -> None:
         argv += ["--model-id", str(source.path)]
     if args.num_threads:
         argv += ["--num-threads", str(args.num_threads)]
+    if args.compile:
+        argv += ["--compile"]
     supervisor = ShardSupervisor(argv, address)
     try:
         _wait_for_shard(address, supervisor.proc)
