@@ -299,6 +299,12 @@ def compile_decode(model: LlamaModel) -> Callable:
 
     # One graph per batch bucket (1..64: 7) plus the odd guard failure; the default limit of 8 is tight.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    # Freezing makes the weights constants that inductor packs once for oneDNN's matmuls: 1.2x
+    # over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). It must be set globally:
+    # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True
     return torch.compile(model.hidden_states, dynamic=False)
 
 
