@@ -1,10 +1,11 @@
 """Decode speed, side by side in one run: Sluice through the full HTTP path vs `transformers` generate.
 
-    python bench/bench_serving.py [--tokens 128] [--streams 8] [--dtype bfloat16]
+    python bench/bench_serving.py [--tokens 128] [--streams 8] [--dtype bfloat16] [--compile]
 
 Starts `sluice serve` on a free port (embedded SmolLM2 unless --model-id), streams from
 /generate_stream with real HTTP clients, and prints one table with ratios. Numbers depend on the
-machine and on what else runs on it: run it on a quiet machine.
+machine and on what else runs on it: run it on a quiet machine. --compile runs a second server
+with `--compile` after the first and adds its rows (its warm-up compiles the batch buckets it meets).
 """
 from __future__ import annotations
 
@@ -116,6 +117,20 @@ def run_streams(url: str, n: int, max_new: int) -> dict:
     }
 
 
+def measure(flags: list[str], streams: int, tokens: int) -> dict:
+    """Start-up to healthy, warm-up (with --compile: the buckets' compiles), 1 stream, `streams` streams."""
+    t0 = time.perf_counter()
+    with sluice_server(*flags) as (url, _):
+        started = time.perf_counter()
+        run_streams(url, 1, 16)
+        for _ in range(2):  # streams join over a few steps: meet the batch sizes they pass through
+            run_streams(url, streams, 16)
+        warm = time.perf_counter()
+        one = run_streams(url, 1, tokens)
+        many = run_streams(url, streams, tokens)
+    return {"startup_s": started - t0, "warmup_s": warm - started, "one": one, "many": many}
+
+
 def transformers_decode(model_path: Path, dtype_name: str, max_new: int) -> float:
     """Batch-1 decode tokens/s of transformers `generate` on the same weights (prefill excluded)."""
     import torch
@@ -146,6 +161,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--model-id", default=None)
     ap.add_argument("--num-shard", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="also run a server with --compile and compare")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
 
@@ -156,10 +172,9 @@ def main() -> None:
     flags = ["--dtype", args.dtype, "--num-shard", str(args.num_shard)]
     if args.model_id:
         flags += ["--model-id", args.model_id]
-    with sluice_server(*flags) as (url, _):
-        run_streams(url, 1, 16)  # warm-up
-        one = run_streams(url, 1, args.tokens)
-        many = run_streams(url, args.streams, args.tokens)
+    eager = measure(flags, args.streams, args.tokens)
+    one, many = eager["one"], eager["many"]
+    compiled = measure(flags + ["--compile"], args.streams, args.tokens) if args.compile else None
 
     hf32 = transformers_decode(source.path, "float32", args.tokens)
     hf16 = transformers_decode(source.path, "bfloat16", args.tokens)
@@ -174,13 +189,27 @@ def main() -> None:
         ("sluice HTTP, 1 stream (aggregate)", one["aggregate_tok_s"], hf32),
         (f"sluice HTTP, {args.streams} streams (aggregate)", many["aggregate_tok_s"], hf32),
     ]
+    if compiled:
+        rows += [
+            ("sluice --compile, 1 stream (decode)", compiled["one"]["per_stream_decode_tok_s"], hf32),
+            (f"sluice --compile, {args.streams} streams (aggregate)", compiled["many"]["aggregate_tok_s"], hf32),
+        ]
     for name, value, base in rows:
         print(f"{name:40s}{value:10.1f}{value / base:9.2f}x")
     print(f"\n{args.streams} streams vs 1 stream, aggregate: {many['aggregate_tok_s'] / one['aggregate_tok_s']:.2f}x")
     print(f"1 stream:  TTFT p50 {one['ttft_ms_p50']:.0f} ms, ITL p50 {one['itl_ms_p50']:.1f} ms")
     print(f"{args.streams} streams: TTFT p50 {many['ttft_ms_p50']:.0f} ms, ITL p50 {many['itl_ms_p50']:.1f} ms")
+    if compiled:
+        c1, cn = compiled["one"], compiled["many"]
+        print(f"\n--compile vs eager: 1 stream decode {c1['per_stream_decode_tok_s'] / one['per_stream_decode_tok_s']:.2f}x, "
+              f"{args.streams} streams aggregate {cn['aggregate_tok_s'] / many['aggregate_tok_s']:.2f}x")
+        print(f"--compile, 1 stream:  TTFT p50 {c1['ttft_ms_p50']:.0f} ms, ITL p50 {c1['itl_ms_p50']:.1f} ms")
+        print(f"--compile, {args.streams} streams: TTFT p50 {cn['ttft_ms_p50']:.0f} ms, ITL p50 {cn['itl_ms_p50']:.1f} ms")
+        print(f"start-up to healthy: eager {eager['startup_s']:.1f} s, --compile {compiled['startup_s']:.1f} s; "
+              f"warm-up requests (compiles included): eager {eager['warmup_s']:.1f} s, --compile {compiled['warmup_s']:.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"one": one, "many": many, "hf_fp32": hf32, "hf_bf16": hf16}, indent=2))
+        Path(args.json).write_text(json.dumps({"eager": eager, "compiled": compiled, "hf_fp32": hf32, "hf_bf16": hf16},
+                                              indent=2))
 
 
 if __name__ == "__main__":

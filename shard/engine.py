@@ -250,13 +250,9 @@ class EngineConfig:
     compile: bool = False  # decode-only steps through torch.compile (see Engine._compiled)
 
 
-# Decode steps run padded to these shapes so that torch.compile builds few graphs: the batch up to
-# a power of two (one graph each), the context up to a multiple of L_ALIGN (a dynamic dimension).
+# Compiled decode steps pad the context to a multiple of this: the context length is a dynamic
+# dimension of the graph, and padding keeps it clear of the sizes 0 and 1 that torch specializes.
 L_ALIGN = 64
-
-
-def decode_bucket(batch_size: int) -> int:
-    return 1 << (batch_size - 1).bit_length()
 
 
 def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -264,12 +260,9 @@ def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[to
     # tensor-parallel rank holds only its own KV heads. zero_() writes every page now: a lazily
     # mapped cache would grow the process's resident memory block by block under load, up to the
     # whole cache, and an out-of-memory would come late instead of at start-up.
-    # Compiled decode steps pad the batch with rows whose K/V must land somewhere no sequence reads:
-    # one scratch slot past the last block.
     cfg, w = model.cfg, model.embed_tokens
     num_blocks = config.kv_cache_tokens // config.block_size
-    slots = num_blocks * config.block_size + (1 if config.compile else 0)
-    shape = (slots, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
+    shape = (num_blocks * config.block_size, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
     return [(torch.empty(shape, dtype=w.dtype, device=w.device).zero_(),
              torch.empty(shape, dtype=w.dtype, device=w.device).zero_()) for _ in range(cfg.num_layers)]
 
@@ -291,14 +284,13 @@ def run_worker(model: LlamaModel, config: EngineConfig) -> None:
 
 def compile_decode(model: LlamaModel) -> Callable:
     """torch.compile of the model for decode-only steps. Eager, each step pays a fixed ~8-15 ms
-    of Python and ATen dispatch over ~700 small ops; the compiled graph fuses them. Each batch
-    bucket is compiled the first time it is used (tens of seconds on a small CPU), not at start-up."""
+    of Python and ATen dispatch over ~700 small ops; the compiled graph fuses them. Two graphs:
+    batch 1, and every batch of 2 or more (a dynamic dimension, measured as fast as one graph per
+    padded batch size, and compiled once instead of seven times). See Engine.warm_up."""
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo
 
-    # One graph per batch bucket (1..64: 7) plus the odd guard failure; the default limit of 8 is tight.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     # Freezing makes the weights constants that inductor packs once for oneDNN's matmuls: 1.2x
     # over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). It must be set globally:
     # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
@@ -332,7 +324,35 @@ class Engine:
         self._compiled: Callable | None = None
         if config.compile:
             self._compiled = compile_decode(model)
-            self.scratch_slot = num_blocks * config.block_size
+
+    def warm_up(self) -> None:
+        """Compile both decode graphs now (tens of seconds each on a small CPU): compiled lazily,
+        the first request of each kind would stall every stream in its batch that long."""
+        if self._compiled is None:
+            return
+        t0 = time.monotonic()
+        with torch.inference_mode():
+            for batch_size in (1, 2):
+                # Dummy rows at position 0 write their K/V into slot 0: it belongs to no sequence
+                # yet, and any sequence given it later writes before it reads.
+                # Shaped like _prepare's tensors (distinct, contiguous): else the guards differ.
+                def zeros(*shape: int) -> torch.Tensor:
+                    return torch.zeros(shape, dtype=torch.long, device=self.device)
+
+                mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
+                batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask, None, None)
+                ids, positions = zeros(batch_size), zeros(batch_size)
+                self._mark_dynamic(ids, positions, batch)
+                self._compiled(ids, positions, batch, self.kv_caches)
+        log.info("compiled the decode graphs in %.1fs", time.monotonic() - t0)
+
+    @staticmethod
+    def _mark_dynamic(ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> None:
+        torch._dynamo.mark_dynamic(batch.kv_slots, 1)
+        torch._dynamo.mark_dynamic(batch.mask, 2)
+        if ids.shape[0] > 1:  # batch 1 keeps a graph of its own (torch specializes size 1 anyway)
+            for t in (ids, positions, batch.slot_mapping, batch.kv_slots, batch.mask):
+                torch._dynamo.mark_dynamic(t, 0)
 
     # --- called from other threads -------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -515,8 +535,8 @@ class Engine:
             ctx.append(s + n)
             sample_rows.append(len(ids) - 1 if s + n == seq.num_tokens else None)
         B, Qm, Lm = len(scheduled), max(lens), max(ctx)
-        pad = self._compiled is not None and Qm == 1
-        if pad:
+        compiled = self._compiled is not None and Qm == 1
+        if compiled:
             Lm = -(-Lm // L_ALIGN) * L_ALIGN
         max_blocks = math.ceil(Lm / bs)
         table = torch.tensor([seq.blocks[:max_blocks] + [0] * (max_blocks - len(seq.blocks[:max_blocks])) for seq, _ in scheduled])
@@ -536,19 +556,9 @@ class Engine:
             q_pos = torch.tensor([seq.num_computed for seq, _ in scheduled]).unsqueeze(1) + qi  # [B, Qm]
             mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
         ids_t = torch.tensor(ids)
-        if pad and (extra := decode_bucket(B) - B):
-            # Padding rows: token 0 at position 0, attending to slot 0 only (finite, so no NaN
-            # anywhere), writing to the scratch slot. Nobody samples from them.
-            ids_t = torch.cat((ids_t, torch.zeros(extra, dtype=ids_t.dtype)))
-            pos_t = torch.cat((pos_t, torch.zeros(extra, dtype=pos_t.dtype)))
-            slot_mapping = torch.cat((slot_mapping, torch.full((extra,), self.scratch_slot, dtype=slot_mapping.dtype)))
-            kv_slots = torch.cat((kv_slots, torch.zeros(extra, Lm, dtype=kv_slots.dtype)))
-            mask = torch.cat((mask, (keys == 0).expand(extra, 1, Lm)))
-        if pad:
-            # The context length changes every L_ALIGN tokens: one graph for all of them.
-            torch._dynamo.mark_dynamic(kv_slots, 1)
-            torch._dynamo.mark_dynamic(mask, 2)
         batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
+        if compiled:
+            self._mark_dynamic(ids_t, pos_t, batch)
         if self.device.type != "cpu":
             batch = AttentionBatch(*(None if t is None else t.to(self.device, non_blocking=True) for t in vars(batch).values()))
             return ids_t.to(self.device), pos_t.to(self.device), batch, sample_rows

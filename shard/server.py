@@ -219,7 +219,9 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
 
 def build_engine(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = None) -> Engine:
     model = _load(settings, source, tp or TPGroup())
-    return Engine(model, _engine_config(settings), model.cfg.eos_token_ids)
+    engine = Engine(model, _engine_config(settings), model.cfg.eos_token_ids)
+    engine.warm_up()  # before the shard reports healthy: a request never waits on a compile
+    return engine
 
 
 def _free_port() -> int:
