@@ -47,6 +47,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
+    """Until `url`/health answers 200; exits with a message if `proc` dies or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"sluice exited with {proc.returncode}: {what}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"sluice not healthy within {timeout:.0f} s: {what}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 @contextmanager
 def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
     """`sluice serve` on a free port, healthy; yields (base URL, shard socket path)."""
@@ -57,15 +73,7 @@ def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
            "--shard-uds-path", sock, *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"sluice serve exited with {proc.returncode}: {' '.join(cmd)}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc, " ".join(cmd))
         yield url, sock
     finally:
         proc.terminate()

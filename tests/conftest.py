@@ -26,6 +26,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, procs: list[subprocess.Popen], log_path: Path, timeout: float = 240.0) -> None:
+    """Until `url`/health answers 200; fails with the log's tail if a process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"server exited with {[p.returncode for p in procs]}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not healthy in {timeout}s:\n{log_path.read_text()[-4000:]}")
+
+
 class Server:
     def __init__(self, tmp: Path, **flags) -> None:
         self.port = free_port()
@@ -41,17 +56,7 @@ class Server:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not healthy in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        wait_healthy(self.url, [self.proc], self.log_path, timeout)
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples without labels or with them, as {'name{labels}': value}."""
