@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from sluice.health import wait_until_healthy
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -47,20 +49,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
-    """Until `url`/health answers 200; exits with a message if `proc` dies or time runs out first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"sluice exited with {proc.returncode}: {what}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"sluice not healthy within {timeout:.0f} s: {what}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+def wait_healthy(url: str, proc: subprocess.Popen, what: str) -> None:
+    try:
+        wait_until_healthy(url + "/health", [proc])
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"sluice serve {exc}: {what}") from None
 
 
 @contextmanager

@@ -11,11 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from sluice.health import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,18 +28,10 @@ def free_port() -> int:
 
 
 def wait_healthy(url: str, procs: list[subprocess.Popen], log_path: Path, timeout: float = 240.0) -> None:
-    """Until `url`/health answers 200; fails with the log's tail if a process exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"server exited with {[p.returncode for p in procs]}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server not healthy in {timeout}s:\n{log_path.read_text()[-4000:]}")
+    try:
+        wait_until_healthy(url + "/health", procs, timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"server {exc}:\n{log_path.read_text()[-4000:]}") from None
 
 
 class Server:

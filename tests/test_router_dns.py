@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import httpx
-
 from conftest import ROOT, free_port, wait_healthy
+
 from router.shards import resolve
 
 
