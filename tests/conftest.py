@@ -38,8 +38,9 @@ class Server:
     def __init__(self, tmp: Path, **flags) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.shard_address = f"unix://{tmp / f'shard-{self.port}.sock'}"
         argv = [sys.executable, "-m", "sluice", "serve", "--hostname", "127.0.0.1", "--port", str(self.port),
-                "--shard-uds-path", str(tmp / f"shard-{self.port}.sock")]
+                "--shard-uds-path", self.shard_address.removeprefix("unix://")]
         for key, value in flags.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         self.log_path = tmp / f"server-{self.port}.log"
