@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from sluice.health import wait_until_healthy
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -48,6 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, what: str) -> None:
+    try:
+        wait_until_healthy(url + "/health", [proc])
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"sluice serve {exc}: {what}") from None
+
+
 @contextmanager
 def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
     """`sluice serve` on a free port, healthy; yields (base URL, shard socket path)."""
@@ -58,15 +67,7 @@ def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
            "--shard-uds-path", sock, *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"sluice serve exited with {proc.returncode}: {' '.join(cmd)}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc, " ".join(cmd))
         yield url, sock
     finally:
         proc.terminate()

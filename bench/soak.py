@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,11 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_serving import ROOT, free_port, wait_healthy  # noqa: E402
+
 MAX_BODY = 65536
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Write a haiku about rain.", "def fib(n):", "Hello"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -163,15 +158,7 @@ def main() -> None:
     log = open(f"{tmp}/server.log", "wb")
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, LOG_LEVEL="WARNING"))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, f"server did not start; see {tmp}/server.log"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, proc, f"see {tmp}/server.log")
         shard = shard_pid(proc.pid)
         asyncio.run(load(url, args.warmup, args.concurrency, args.seed + 1))
         warm = settled_rss_mb(proc.pid, shard)

@@ -252,6 +252,11 @@ def main(settings: ShardSettings, source: ModelSource) -> None:
     if world > 1:
         tp = init_group(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), settings.backend)
     if rank != 0:
+        # Rank 0 decides when the group stops (after its drain it broadcasts the end); a rank that
+        # died on the same SIGTERM, or on a terminal's Ctrl-C, would break the requests still finishing.
+        # It still goes with rank 0 if that one dies (PDEATHSIG, or the collective failing).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         run_worker(_load(settings, source, tp), _engine_config(settings))
         return
     serve(settings, source, tp, children)

@@ -176,22 +176,14 @@ def run_router(args: argparse.Namespace, shard_addresses: list[str] | None = Non
 
 
 def _wait_for_shard(address: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    import grpc
+    from sluice.health import wait_until_healthy
 
-    from sluice import shard_pb2, shard_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = shard_pb2_grpc.ShardStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"sluice: the shard exited with code {proc.returncode} while starting (see its log above)")
-            try:
-                if stub.Health(shard_pb2.HealthRequest(), timeout=1).ok:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.3)
-    raise SystemExit(f"sluice: the shard did not become healthy within {timeout:.0f}s")
+    try:
+        wait_until_healthy(address, [proc], timeout)
+    except RuntimeError:
+        raise SystemExit(f"sluice: the shard exited with code {proc.returncode} while starting (see its log above)") from None
+    except TimeoutError:
+        raise SystemExit(f"sluice: the shard did not become healthy within {timeout:.0f}s") from None
 
 
 class ShardSupervisor:

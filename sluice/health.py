@@ -7,8 +7,11 @@ a Python start and one round trip, not a model load.
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 
 
 def default_address() -> str:
@@ -39,3 +42,19 @@ def check(address: str, timeout_s: float = 5.0) -> tuple[bool, str]:
         except grpc.RpcError as exc:
             return False, f"{address}: {exc.code().name}"
     return reply.ok, f"{address}: ok={reply.ok} running={reply.running} waiting={reply.waiting}"
+
+
+def wait_until_healthy(address: str, procs: Sequence[subprocess.Popen] = (), timeout_s: float = 300.0) -> None:
+    """Probe `address` until it is healthy. RuntimeError if one of `procs` (what serves it) exits first,
+    TimeoutError if `timeout_s` runs out: start-up scripts, benchmarks and tests wait the same way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with code {proc.returncode} before {address} was healthy")
+        ok, message = check(address, timeout_s=2.0)
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not healthy within {timeout_s:.0f} s ({message})")
+        time.sleep(0.3)

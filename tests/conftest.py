@@ -11,11 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from sluice.health import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +27,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, procs: list[subprocess.Popen], log_path: Path, timeout: float = 240.0) -> None:
+    try:
+        wait_until_healthy(url + "/health", procs, timeout)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"server {exc}:\n{log_path.read_text()[-4000:]}") from None
+
+
 class Server:
     def __init__(self, tmp: Path, **flags) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.shard_address = f"unix://{tmp / f'shard-{self.port}.sock'}"
         argv = [sys.executable, "-m", "sluice", "serve", "--hostname", "127.0.0.1", "--port", str(self.port),
-                "--shard-uds-path", str(tmp / f"shard-{self.port}.sock")]
+                "--shard-uds-path", self.shard_address.removeprefix("unix://")]
         for key, value in flags.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         self.log_path = tmp / f"server-{self.port}.log"
@@ -41,17 +50,7 @@ class Server:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not healthy in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        wait_healthy(self.url, [self.proc], self.log_path, timeout)
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples without labels or with them, as {'name{labels}': value}."""

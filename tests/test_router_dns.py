@@ -8,11 +8,10 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 
 import httpx
+from conftest import ROOT, free_port, wait_healthy
 
-from conftest import ROOT, free_port
 from router.shards import resolve
 
 
@@ -33,16 +32,7 @@ def test_router_finds_a_shard_by_dns_name(tmp_path):
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert shard.poll() is None and router.poll() is None, (tmp_path / "log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, [shard, router], tmp_path / "log")
         shards = httpx.get(url + "/health").json()["shards"]
         assert f"ipv4:127.0.0.1:{shard_port}" in [s["address"] for s in shards if s["ok"]]
         # `sluice health`, the probe of the image and the manifests, against both services and a closed port.

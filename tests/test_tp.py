@@ -99,3 +99,28 @@ def test_killed_rank_ends_streams_with_error_and_group_restarts(start_server, ti
             pass
         time.sleep(1)
     assert r.status_code == 200, r.text
+
+
+def test_sigterm_drains_the_group(start_server, tiny_llama):
+    """SIGTERM reaching every rank (as from a launcher or Ctrl-C): rank 0 drains, the others wait for its
+    word, the stream in flight finishes whole, and the group exits 0."""
+    from test_api_resilience import children, wait_for
+
+    url = start_server(dtype="float32", model_id=tiny_llama, num_shard=2, max_total_tokens=512)
+    srv = start_server.servers[-1]
+    marker = srv.log_path.name.replace("server-", "shard-").replace(".log", ".sock")
+    (rank0,) = children(srv.proc.pid)
+    (rank1,) = _rank_pids(marker, 1)
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 60, "details": True}}
+    with httpx.stream("POST", url + "/generate_stream", json=body, timeout=60) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
+        events = [json.loads(next(lines)[5:])]
+        os.kill(rank0, signal.SIGSTOP)  # so the signals surely land mid-stream
+        os.kill(rank1, signal.SIGTERM)
+        os.kill(rank0, signal.SIGTERM)
+        os.kill(rank0, signal.SIGCONT)
+        events += [json.loads(line[5:]) for line in lines]
+    assert all("error" not in e for e in events), events[-1]
+    assert len(events) == 60 and events[-1]["details"]["generated_tokens"] == 60
+    wait_for(lambda: "shard exited with code 0" in srv.log_path.read_text())
+    assert not os.path.exists(f"/proc/{rank1}") or "zombie" in open(f"/proc/{rank1}/status").read()

@@ -1,0 +1,39 @@
+"""The router's shard pool picking replicas: a replica that refuses before the first token (gone, or
+draining after SIGTERM: both are gRPC UNAVAILABLE) hands the request to another healthy one, so a
+rolling restart of shard replicas loses no request. Real gRPC to the shared server's shard."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from router.shards import ShardError, ShardPool
+from sluice import shard_pb2
+
+REQUEST = shard_pb2.GenerateRequest(input_ids=[1, 2, 3, 4], max_new_tokens=3, ignore_eos=True)
+
+
+async def generate(addresses: list[str]) -> tuple[list[shard_pb2.GenerateResponse], ShardPool]:
+    pool = ShardPool(addresses)
+    for replica in pool.replicas:
+        replica.healthy = True  # as the health poller last saw them: the gone one has not been noticed yet
+    try:
+        return [reply async for reply in pool.generate(REQUEST)], pool
+    finally:
+        await pool.close()
+
+
+def test_refused_before_the_first_token_goes_to_another_replica(server_handle, tmp_path):
+    gone = f"unix://{tmp_path}/gone.sock"  # picked first: same load, listed first
+    replies, pool = asyncio.run(generate([gone, server_handle.shard_address]))
+    assert sum(len(r.tokens) for r in replies) == 3
+    assert replies[-1].finish_reason == shard_pb2.FINISH_REASON_LENGTH
+    assert [r.healthy for r in pool.replicas] == [False, True]
+    assert [r.in_flight for r in pool.replicas] == [0, 0]
+
+
+def test_with_no_other_replica_the_error_is_raised(tmp_path):
+    with pytest.raises(ShardError) as err:
+        asyncio.run(generate([f"unix://{tmp_path}/gone.sock"]))
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
