@@ -49,3 +49,14 @@ def test_compiled_decode_equals_eager(tiny_llama):
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] == 1, "decode steps ran compiled, one graph for batches 4 and 2 and every context"
     assert [len(o) for o in eager] == NEW_TOKENS
+
+
+def test_compile_flag(monkeypatch):
+    from sluice.cli import build_parser, main
+
+    assert build_parser().parse_args(["shard", "--compile"]).compile
+    assert not build_parser().parse_args(["serve"]).compile
+    monkeypatch.setenv("COMPILE", "1")
+    assert build_parser().parse_args(["serve"]).compile
+    with pytest.raises(SystemExit, match="--num-shard 1 only"):
+        main(["serve", "--num-shard", "2", "--port", "0"])
