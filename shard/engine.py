@@ -247,7 +247,7 @@ class EngineConfig:
     block_size: int = 16
     max_batch_size: int = 64
     max_batch_tokens: int = 512  # tokens per step: bounds how long a long prompt stalls decodes
-    compile: bool = False  # decode-only steps through torch.compile (see Engine._compiled)
+    compile: bool = False  # decode-only steps through torch.compile (see compile_decode)
 
 
 # Compiled decode steps pad the context to a multiple of this: the context length is a dynamic
@@ -289,13 +289,12 @@ def compile_decode(model: LlamaModel) -> Callable:
     padded batch size, and compiled once instead of seven times). See Engine.warm_up."""
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
-    import torch._dynamo
+    import torch._dynamo  # noqa: F401  (Engine._mark_dynamic)
+    import torch._inductor.config
 
     # Freezing makes the weights constants that inductor packs once for oneDNN's matmuls: 1.2x
     # over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). It must be set globally:
     # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
-    import torch._inductor.config
-
     torch._inductor.config.freezing = True
     return torch.compile(model.hidden_states, dynamic=False)
 
@@ -326,19 +325,20 @@ class Engine:
             self._compiled = compile_decode(model)
 
     def warm_up(self) -> None:
-        """Compile both decode graphs now (tens of seconds each on a small CPU): compiled lazily,
-        the first request of each kind would stall every stream in its batch that long."""
+        """Compile both decode graphs now, before the first request (tens of seconds each on a
+        small CPU): compiled lazily, the first request of each kind would stall every stream in its
+        batch that long. Dummy rows write their K/V into slot 0, which no sequence holds yet (and
+        any sequence given it later writes before it reads)."""
         if self._compiled is None:
             return
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=self.device)
+
         t0 = time.monotonic()
         with torch.inference_mode():
             for batch_size in (1, 2):
-                # Dummy rows at position 0 write their K/V into slot 0: it belongs to no sequence
-                # yet, and any sequence given it later writes before it reads.
                 # Shaped like _prepare's tensors (distinct, contiguous): else the guards differ.
-                def zeros(*shape: int) -> torch.Tensor:
-                    return torch.zeros(shape, dtype=torch.long, device=self.device)
-
                 mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
                 batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask, None, None)
                 ids, positions = zeros(batch_size), zeros(batch_size)
@@ -557,9 +557,9 @@ class Engine:
             mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
         ids_t = torch.tensor(ids)
         batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
-        if compiled:
-            self._mark_dynamic(ids_t, pos_t, batch)
         if self.device.type != "cpu":
             batch = AttentionBatch(*(None if t is None else t.to(self.device, non_blocking=True) for t in vars(batch).values()))
-            return ids_t.to(self.device), pos_t.to(self.device), batch, sample_rows
+            ids_t, pos_t = ids_t.to(self.device), pos_t.to(self.device)
+        if compiled:  # on the tensors the graph gets: a copy to the device does not keep the marks
+            self._mark_dynamic(ids_t, pos_t, batch)
         return ids_t, pos_t, batch, sample_rows
