@@ -3,7 +3,6 @@ ids as `transformers` greedy generation on the same weights, in float32."""
 from __future__ import annotations
 
 import httpx
-import pytest
 import torch
 
 PROMPTS = [
