@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from sluice.health import wait_until_healthy
+from sluice.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -70,8 +71,7 @@ def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
         wait_healthy(url, proc, " ".join(cmd))
         yield url, sock
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc, 60)
 
 
 def stream_once(url: str, prompt: str, max_new: int) -> dict:

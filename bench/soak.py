@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import ROOT, free_port, wait_healthy  # noqa: E402
+
+from sluice.process import stop  # noqa: E402
 
 MAX_BODY = 65536
 PROMPTS = ["The capital of France is", "1, 2, 3,", "Write a haiku about rain.", "def fib(n):", "Hello"]
@@ -176,8 +177,7 @@ def main() -> None:
                                if line.startswith("sluice_requests_in_flight ")))
         health = httpx.get(url + "/health").json()["shards"][0]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
+        code = stop(proc, 60)
         log.close()
 
     lost = outcomes.get("lost", 0)

@@ -9,7 +9,6 @@ hands it to that request's callback. Requests join and leave the batch between s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ TRIM_INTERVAL_S = 10.0
 
 def _libc_malloc_trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim  # the C library this process already has loaded
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 

@@ -8,7 +8,6 @@ import argparse
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import tempfile
 import threading
 import time
 
-from sluice.process import die_with_parent
+from sluice.process import die_with_parent, stop
 
 log = logging.getLogger("sluice")
 
@@ -214,12 +213,7 @@ class ShardSupervisor:
 
     def stop(self) -> None:
         self.stopping = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop(self.proc, 15)
 
 
 def _check_split(source, num_shard: int, compile: bool = False) -> None:

@@ -1,5 +1,6 @@
-"""Child-process plumbing shared by the launcher and the tensor-parallel rank spawner."""
+"""Child-process plumbing shared by the launcher, the tensor-parallel rank spawner, benchmarks and tests."""
 import signal
+import subprocess
 
 
 def die_with_parent() -> None:
@@ -10,3 +11,14 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def stop(proc: subprocess.Popen, timeout_s: float) -> int:
+    """SIGTERM (so a server drains), then SIGKILL if it is still running after `timeout_s`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

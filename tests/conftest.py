@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from sluice.health import wait_until_healthy
+from sluice.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,15 +62,9 @@ class Server:
         return out
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop(self.proc, 30)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import httpx
 
 from conftest import ROOT, free_port
 from sluice import shard_pb2, shard_pb2_grpc
+from sluice.process import stop
 from test_api_resilience import wait_for
 
 
@@ -44,6 +45,5 @@ def test_router_talks_tls_to_a_tcp_shard(tiny_llama, tmp_path):
                 assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
         for p in procs:
-            p.terminate()
-            p.wait(timeout=30)
+            stop(p, 30)
         log.close()

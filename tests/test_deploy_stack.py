@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, free_port
+from sluice.process import stop
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(1200)]
 
@@ -75,13 +75,7 @@ class Dockerd:
         return (self.dir / "dockerd.log").read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 60)
         self.log.close()
         subprocess.run(["umount", "-R", str(self.dir / "data")], capture_output=True)  # the tmpfs, and all in it
         shutil.rmtree(self.dir, ignore_errors=True)

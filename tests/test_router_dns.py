@@ -13,6 +13,7 @@ import httpx
 from conftest import ROOT, free_port, wait_healthy
 
 from router.shards import resolve
+from sluice.process import stop
 
 
 def test_resolve_expands_dns_names_only():
@@ -44,6 +45,5 @@ def test_router_finds_a_shard_by_dns_name(tmp_path):
         assert r.status_code == 200 and r.json()["generated_text"]
     finally:
         for proc in (router, shard):
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc, 30)
         log.close()
