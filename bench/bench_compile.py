@@ -57,7 +57,7 @@ def decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int) -> tup
 
 
 def greedy(model, compile: bool, prompts: list[list[int]], new: int) -> list[list[int]]:
-    engine = Engine(model, EngineConfig(kv_cache_tokens=2048, compile=compile), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=2048, compile=compile), eos_token_ids=[])
     outs: list[list[int]] = [[] for _ in prompts]
     for i, ids in enumerate(prompts):
         engine.scheduler.waiting.append(Sequence(str(i), ids, SamplingParams(), new,
@@ -103,7 +103,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model = load_model(source, getattr(torch, args.dtype))
-    engine = Engine(model, EngineConfig(kv_cache_tokens=8192, compile=True), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=8192, compile=True), eos_token_ids=[])
     print(f"model load {time.perf_counter() - t0:.1f} s, RSS {rss_mb():.0f} MB", flush=True)
     t0 = time.perf_counter()
     engine.warm_up()

@@ -26,7 +26,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import sluice
-from sluice import modelfiles, shard_pb2
+from sluice import modelfiles
+from sluice.pb import shard_pb2
 
 from . import constraints, schemas
 from .asgi import Admission, ApiError, Deferred, EventStream, Load, error_response

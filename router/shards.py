@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from sluice import shard_pb2, shard_pb2_grpc
+from sluice.pb import shard_pb2, shard_pb2_grpc
 from sluice.logs import METADATA_KEY, REQUEST_ID
 
 log = logging.getLogger("sluice.router")

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from sluice import shard_pb2
+from sluice.pb import shard_pb2
 
 from .metrics import Metrics
 from .shards import ShardPool

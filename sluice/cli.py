@@ -121,7 +121,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> None:
-    from shard.server import ShardSettings, check_bind, main
+    from shard.launch import check_bind, main
+    from shard.settings import ShardSettings
 
     address = f"unix://{args.shard_uds_path}" if args.shard_uds_path else args.address
     # `sluice serve` passes only its Unix socket; these flags exist on `sluice shard` alone.
@@ -133,7 +134,7 @@ def run_shard(args: argparse.Namespace) -> None:
         model_id=args.model_id,
         address=address,
         dtype=args.dtype,
-        kv_cache_tokens=args.max_batch_total_tokens,
+        max_batch_total_tokens=args.max_batch_total_tokens,
         max_batch_size=args.max_batch_size,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
         num_threads=args.num_threads,

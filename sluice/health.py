@@ -34,7 +34,7 @@ def check(address: str, timeout_s: float = 5.0) -> tuple[bool, str]:
             return False, f"{address}: {exc}"
     import grpc
 
-    from sluice import shard_pb2, shard_pb2_grpc
+    from sluice.pb import shard_pb2, shard_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         try:

@@ -8,8 +8,8 @@ import socket
 import httpx
 import pytest
 
-from conftest import Server
-from test_api_resilience import wait_for
+from servers import Server
+from servers import wait_for
 
 LONG_PROMPT = "one two three four five six seven eight " * 100  # ~800 tokens: ~100 prefill steps of 8
 

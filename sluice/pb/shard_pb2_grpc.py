@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from sluice import shard_pb2 as sluice_dot_shard__pb2
+from sluice.pb import shard_pb2 as sluice_dot_pb_dot_shard__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sluice/shard_pb2_grpc.py depends on'
+        + ' but the generated code in sluice/pb/shard_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class ShardStub:
         """
         self.Info = channel.unary_unary(
                 '/sluice.v1.Shard/Info',
-                request_serializer=sluice_dot_shard__pb2.InfoRequest.SerializeToString,
-                response_deserializer=sluice_dot_shard__pb2.InfoResponse.FromString,
+                request_serializer=sluice_dot_pb_dot_shard__pb2.InfoRequest.SerializeToString,
+                response_deserializer=sluice_dot_pb_dot_shard__pb2.InfoResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/sluice.v1.Shard/Health',
-                request_serializer=sluice_dot_shard__pb2.HealthRequest.SerializeToString,
-                response_deserializer=sluice_dot_shard__pb2.HealthResponse.FromString,
+                request_serializer=sluice_dot_pb_dot_shard__pb2.HealthRequest.SerializeToString,
+                response_deserializer=sluice_dot_pb_dot_shard__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/sluice.v1.Shard/Generate',
-                request_serializer=sluice_dot_shard__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=sluice_dot_shard__pb2.GenerateResponse.FromString,
+                request_serializer=sluice_dot_pb_dot_shard__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=sluice_dot_pb_dot_shard__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -81,18 +81,18 @@ def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=sluice_dot_shard__pb2.InfoRequest.FromString,
-                    response_serializer=sluice_dot_shard__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=sluice_dot_pb_dot_shard__pb2.InfoRequest.FromString,
+                    response_serializer=sluice_dot_pb_dot_shard__pb2.InfoResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=sluice_dot_shard__pb2.HealthRequest.FromString,
-                    response_serializer=sluice_dot_shard__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=sluice_dot_pb_dot_shard__pb2.HealthRequest.FromString,
+                    response_serializer=sluice_dot_pb_dot_shard__pb2.HealthResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=sluice_dot_shard__pb2.GenerateRequest.FromString,
-                    response_serializer=sluice_dot_shard__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=sluice_dot_pb_dot_shard__pb2.GenerateRequest.FromString,
+                    response_serializer=sluice_dot_pb_dot_shard__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -120,8 +120,8 @@ class Shard:
             request,
             target,
             '/sluice.v1.Shard/Info',
-            sluice_dot_shard__pb2.InfoRequest.SerializeToString,
-            sluice_dot_shard__pb2.InfoResponse.FromString,
+            sluice_dot_pb_dot_shard__pb2.InfoRequest.SerializeToString,
+            sluice_dot_pb_dot_shard__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -147,8 +147,8 @@ class Shard:
             request,
             target,
             '/sluice.v1.Shard/Health',
-            sluice_dot_shard__pb2.HealthRequest.SerializeToString,
-            sluice_dot_shard__pb2.HealthResponse.FromString,
+            sluice_dot_pb_dot_shard__pb2.HealthRequest.SerializeToString,
+            sluice_dot_pb_dot_shard__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -174,8 +174,8 @@ class Shard:
             request,
             target,
             '/sluice.v1.Shard/Generate',
-            sluice_dot_shard__pb2.GenerateRequest.SerializeToString,
-            sluice_dot_shard__pb2.GenerateResponse.FromString,
+            sluice_dot_pb_dot_shard__pb2.GenerateRequest.SerializeToString,
+            sluice_dot_pb_dot_shard__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

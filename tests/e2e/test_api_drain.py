@@ -10,7 +10,7 @@ import signal
 
 import httpx
 
-from test_api_resilience import children, wait_for
+from servers import children, wait_for
 
 BODY = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 30, "details": True}}
 

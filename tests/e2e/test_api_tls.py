@@ -5,10 +5,10 @@ import sys
 import grpc
 import httpx
 
-from conftest import ROOT, free_port
-from sluice import shard_pb2, shard_pb2_grpc
+from servers import ROOT, free_port
+from sluice.pb import shard_pb2, shard_pb2_grpc
 from sluice.process import stop
-from test_api_resilience import wait_for
+from servers import wait_for
 
 
 def up(url: str) -> bool:

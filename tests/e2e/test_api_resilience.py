@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -11,21 +10,10 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import GenerationError
 
+from servers import Server, children, wait_for
+
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
-    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
-
-
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    """Poll for a state the server reaches on its own; not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "the server did not reach the expected state"
-        time.sleep(0.1)
 
 
 def wait_healthy(url: str) -> None:
@@ -34,8 +22,6 @@ def wait_healthy(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    from conftest import Server
-
     srv = Server(tmp_path_factory.mktemp("keyed"), api_key=KEY)
     yield srv
     srv.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, free_port
+from servers import ROOT, free_port
 from sluice.process import stop
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(1200)]

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from router.shards import ShardError, ShardPool
-from sluice import shard_pb2
+from sluice.pb import shard_pb2
 
 REQUEST = shard_pb2.GenerateRequest(input_ids=[1, 2, 3, 4], max_new_tokens=3, ignore_eos=True)
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import httpx
-from conftest import ROOT, free_port, wait_healthy
+from servers import ROOT, free_port, wait_healthy
 
 from router.shards import resolve
 from sluice.process import stop

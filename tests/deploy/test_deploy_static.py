@@ -14,7 +14,7 @@ import yaml
 
 from sluice.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "gpu"]
 EXAMPLES = sorted((K8S / "examples").glob("*.yaml"))
@@ -42,7 +42,7 @@ def all_manifests() -> list[dict]:
 def env_names_read() -> set[str]:
     """Every environment variable our code reads (the CLI's flag defaults, health probe, TP ranks)."""
     names = set()
-    for f in ("sluice/cli.py", "sluice/health.py", "shard/server.py"):
+    for f in ("sluice/cli.py", "sluice/health.py", "shard/launch.py"):
         src = (ROOT / f).read_text()
         names |= set(re.findall(r'(?:environ\.get|_env_int)\(\s*"(\w+)"', src))
         names |= set(re.findall(r'environ\["(\w+)"\]', src))

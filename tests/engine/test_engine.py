@@ -47,18 +47,18 @@ def run(model, prompts, config: EngineConfig, params=None, max_new=20):
 
 
 def test_batched_equals_one_at_a_time(model):
-    together, _ = run(model, PROMPTS, EngineConfig(kv_cache_tokens=1024))
-    alone = [run(model, [p], EngineConfig(kv_cache_tokens=1024))[0][0] for p in PROMPTS]
+    together, _ = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=1024))
+    alone = [run(model, [p], EngineConfig(max_batch_total_tokens=1024))[0][0] for p in PROMPTS]
     assert together == alone
     assert all(len(o) == 20 for o in together)
 
 
 def test_chunked_prefill_and_preemption_keep_outputs(model):
-    reference, _ = run(model, PROMPTS, EngineConfig(kv_cache_tokens=1024))
-    chunked, eng = run(model, PROMPTS, EngineConfig(kv_cache_tokens=1024, max_batch_tokens=4))
+    reference, _ = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=1024))
+    chunked, eng = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=1024, max_batch_prefill_tokens=4))
     assert chunked == reference
     # 6 blocks of 8 tokens cannot hold all four sequences at once: the newest gets preempted and recomputed.
-    tight, eng = run(model, PROMPTS, EngineConfig(kv_cache_tokens=48, block_size=8))
+    tight, eng = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=48, block_size=8))
     assert tight == reference
     assert eng.scheduler.preemptions > 0
 
@@ -67,17 +67,17 @@ def test_seed_reproducible_and_batch_independent(model):
     def seeded(seed):
         return lambda i: SamplingParams(do_sample=True, temperature=1.0, top_k=50, top_p=0.9, seed=seed + i)
 
-    a, _ = run(model, PROMPTS, EngineConfig(kv_cache_tokens=1024), params=seeded(1))
-    b, _ = run(model, PROMPTS, EngineConfig(kv_cache_tokens=1024), params=seeded(1))
-    c, _ = run(model, PROMPTS, EngineConfig(kv_cache_tokens=1024), params=seeded(100))
-    solo, _ = run(model, [PROMPTS[0]], EngineConfig(kv_cache_tokens=1024), params=seeded(1))
+    a, _ = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=1024), params=seeded(1))
+    b, _ = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=1024), params=seeded(1))
+    c, _ = run(model, PROMPTS, EngineConfig(max_batch_total_tokens=1024), params=seeded(100))
+    solo, _ = run(model, [PROMPTS[0]], EngineConfig(max_batch_total_tokens=1024), params=seeded(1))
     assert a == b
     assert a != c
     assert solo[0] == a[0]
 
 
 def test_cancel_frees_blocks_before_next_step(model):
-    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024), eos_token_ids=[])
     got_token = threading.Event()
     seq = Sequence("x", PROMPTS[0], SamplingParams(), 10_000, lambda kind, value: got_token.set())
     engine.start()
@@ -96,7 +96,7 @@ def test_cancel_frees_blocks_before_next_step(model):
 
 def _drained(model, max_new: int, timeout_s: float) -> list:
     """Events of one sequence whose engine is told to drain once its first token is out."""
-    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024), eos_token_ids=[])
     events, first = [], threading.Event()
     engine.start()
     engine.submit(Sequence("x", PROMPTS[0], SamplingParams(), max_new, lambda *e: (events.append(e), first.set())))
@@ -123,7 +123,7 @@ def test_drain_fails_what_is_left_at_the_deadline(model):
 
 
 def test_prompt_too_long_is_refused(model):
-    engine = Engine(model, EngineConfig(kv_cache_tokens=64, block_size=16), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=64, block_size=16), eos_token_ids=[])
     with pytest.raises(ValueError):
         engine.submit(Sequence("x", list(range(100)), SamplingParams(), 5, lambda *a: None))
 
@@ -131,9 +131,9 @@ def test_prompt_too_long_is_refused(model):
 def test_shared_prefix_reuses_blocks_and_keeps_outputs(model):
     system = list(range(100, 150))  # 50 tokens: three full blocks of 16
     prompts = [system + [7, 8, 9], system + [300, 301], system + [7, 8, 9]]
-    fresh = [run(model, [p], EngineConfig(kv_cache_tokens=1024))[0][0] for p in prompts]
+    fresh = [run(model, [p], EngineConfig(max_batch_total_tokens=1024))[0][0] for p in prompts]
 
-    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024), eos_token_ids=[])
     engine.start()
     outs = []
     for p in prompts:  # one after another: each finds the blocks the earlier ones left behind
@@ -168,11 +168,11 @@ def test_prompt_logprobs_survive_chunks_and_cached_prefixes(model):
     """Prompt logprobs are the same whether the prompt is prefilled at once, in chunks of 5, or after an
     earlier request left its leading blocks in the prefix cache (those are recomputed, not skipped)."""
     prompt = list(range(100, 140))  # 40 tokens: two full blocks of 16
-    whole_engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    whole_engine = Engine(model, EngineConfig(max_batch_total_tokens=1024), eos_token_ids=[])
     whole_engine.start()
     whole = prompt_logprobs(whole_engine, prompt)
     whole_engine.stop()
-    engine = Engine(model, EngineConfig(kv_cache_tokens=1024, max_batch_tokens=5), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024, max_batch_prefill_tokens=5), eos_token_ids=[])
     engine.start()
     chunked = prompt_logprobs(engine, prompt)
     again = prompt_logprobs(engine, prompt)
@@ -191,7 +191,7 @@ def test_grammar_masks_every_step(model, tiny_llama):
     compiler = GrammarCompiler(ModelSource("tiny", tiny_llama), model.cfg.vocab_size)
     matcher = compiler.matcher(llguidance.LLMatcher.grammar_from_regex(r"[0-9]{3}-[a-z]{2}"))
     params = lambda i: SamplingParams(do_sample=True, seed=i)  # noqa: E731
-    engine = Engine(model, EngineConfig(kv_cache_tokens=1024), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024), eos_token_ids=[])
     engine.start()
     outs = {0: [], 1: []}
     finished = threading.Semaphore(0)

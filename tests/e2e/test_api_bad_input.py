@@ -7,7 +7,7 @@ import socket
 import httpx
 import pytest
 
-from conftest import Server
+from servers import Server
 
 LIMIT = 65536
 MAX_INPUT = 64

@@ -16,7 +16,7 @@ NEW_TOKENS = [16, 10, 10, 6]
 
 
 def greedy(model, compile: bool) -> list[list[int]]:
-    engine = Engine(model, EngineConfig(kv_cache_tokens=512, block_size=8, compile=compile), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=512, block_size=8, compile=compile), eos_token_ids=[])
     engine.warm_up()
     graphs = counters["stats"]["unique_graphs"]
     outs: list[list[int]] = [[] for _ in PROMPTS]

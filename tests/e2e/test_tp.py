@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT
+from servers import ROOT
 
 PROMPTS = [
     "<|im_start|>user\nWhat is deep learning?<|im_end|>\n<|im_start|>assistant\n",
@@ -104,7 +104,7 @@ def test_killed_rank_ends_streams_with_error_and_group_restarts(start_server, ti
 def test_sigterm_drains_the_group(start_server, tiny_llama):
     """SIGTERM reaching every rank (as from a launcher or Ctrl-C): rank 0 drains, the others wait for its
     word, the stream in flight finishes whole, and the group exits 0."""
-    from test_api_resilience import children, wait_for
+    from servers import children, wait_for
 
     url = start_server(dtype="float32", model_id=tiny_llama, num_shard=2, max_total_tokens=512)
     srv = start_server.servers[-1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import InferenceClient
 
-from conftest import Server
+from servers import Server
 from sluice.modelfiles import load_tokenizer, resolve
 
 USER = [{"role": "user", "content": "Name a fruit."}]

@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import HfHubHTTPError, OverloadedError
 
-from conftest import Server
+from servers import Server
 
 LIMIT = 2
 EXTRA = 3

@@ -1,4 +1,4 @@
-"""The JavaScript client of the streaming guide (@huggingface/inference, pinned in tests/js)."""
+"""The JavaScript client of the streaming guide (@huggingface/inference, pinned in tests/e2e/js)."""
 import shutil
 import subprocess
 from pathlib import Path

@@ -1,0 +1,133 @@
+"""The shard's gRPC service: token ids in, a stream of sampled tokens out.
+
+The engine runs in its own thread; each Generate call owns an asyncio queue that the engine
+thread feeds through `call_soon_threadsafe`. When the router cancels the call, the handler's
+`finally` marks the sequence cancelled and the engine frees it before its next step.
+Protobuf types stop here: the engine below sees Sequences and SamplingParams only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from shard.engine import FINISH_EOS, Draining, Engine, Sequence
+from shard.grammar import GrammarCompiler
+from shard.sampler import Sampled, SamplingParams
+from shard.settings import ShardSettings
+from sluice.logs import METADATA_KEY, REQUEST_ID
+from sluice.modelfiles import ModelSource
+from sluice.pb import shard_pb2 as pb
+from sluice.pb import shard_pb2_grpc as pb_grpc
+
+log = logging.getLogger("sluice.shard")
+
+
+class ShardService(pb_grpc.ShardServicer):
+    def __init__(self, engine: Engine, source: ModelSource, settings: ShardSettings) -> None:
+        self.engine = engine
+        self.source = source
+        self.settings = settings
+        self.grammars = GrammarCompiler(source, engine.model.cfg.vocab_size)
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        cfg = self.engine.model.cfg
+        return pb.InfoResponse(
+            model_id=self.source.model_id,
+            dtype=self.settings.dtype,
+            device=str(self.engine.device),
+            num_shard=self.engine.model.tp.size,
+            max_position_embeddings=self.engine.max_seq_len,
+            vocab_size=cfg.vocab_size,
+            eos_token_ids=sorted(self.engine.eos),
+            kv_cache_tokens=self.engine.blocks.num_blocks * self.engine.blocks.block_size,
+            max_batch_size=self.engine.config.max_batch_size,
+            block_size=self.engine.blocks.block_size,
+        )
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        running, waiting, free = self.engine.stats()
+        return pb.HealthResponse(ok=self.engine.alive(), running=running, waiting=waiting, free_kv_blocks=free)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        p = request.params
+        params = SamplingParams(
+            do_sample=p.do_sample,
+            temperature=p.temperature or 1.0,
+            top_k=p.top_k,
+            top_p=p.top_p or 1.0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            seed=p.seed if p.HasField("seed") else None,
+            typical_p=p.typical_p or 1.0,
+        )
+        vocab = self.engine.model.cfg.vocab_size
+        if any(t >= vocab for t in (*request.input_ids, *p.logit_bias)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be below the vocabulary size {vocab}")
+        if p.logit_bias:
+            params.logit_bias = (torch.tensor(list(p.logit_bias.keys())), torch.tensor(list(p.logit_bias.values())))
+        matcher = None
+        if request.grammar:
+            try:  # compiling takes milliseconds to a second: never on the engine thread
+                matcher = await asyncio.to_thread(self.grammars.matcher, request.grammar)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        eos = frozenset(request.stop_token_ids)
+        seq = Sequence(
+            request.request_id,
+            list(request.input_ids),
+            params,
+            request.max_new_tokens or 1,
+            lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
+            stop_token_ids=eos,
+            top_n_tokens=request.top_n_tokens,
+            ignore_eos=request.ignore_eos,
+            matcher=matcher,
+            prompt_logprobs=request.prompt_logprobs,
+        )
+        try:
+            self.engine.submit(seq)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Draining as exc:  # UNAVAILABLE: the router may send it to another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        first, done = True, False
+        try:
+            while True:
+                batch = [await events.get()]
+                while not events.empty():  # the router fell behind: send what is ready at once
+                    batch.append(events.get_nowait())
+                msg = pb.GenerateResponse()
+                if first:
+                    msg.prompt_tokens = seq.prompt_len
+                    msg.seed = params.seed or 0
+                    if seq.prefill is not None:
+                        msg.prefill.extend(pb.Token(id=i, logprob=lp) for i, lp in zip(seq.token_ids, seq.prefill))
+                    first = False
+                done = False
+                for kind, value in batch:
+                    if kind == "error":
+                        log.warning("generation failed: %s", value)
+                        await context.abort(grpc.StatusCode.INTERNAL, str(value))
+                    msg.tokens.append(_token(value))
+                    if value.finish:
+                        msg.finish_reason = pb.FINISH_REASON_EOS if value.finish == FINISH_EOS else pb.FINISH_REASON_LENGTH
+                        done = True
+                yield msg
+                if done:
+                    return
+        finally:
+            self.engine.cancel(seq)  # no-op when finished; frees the sequence when the call was cancelled
+            # One line per request, with its id and sizes only: prompt text never reaches the shard.
+            log.info("generate %s: %d prompt tokens, %d generated", "finished" if done else "ended early",
+                     seq.prompt_len, len(seq.token_ids) - seq.prompt_len)
+
+
+def _token(s: Sampled) -> pb.Token:
+    return pb.Token(id=s.token_id, logprob=s.logprob, top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in s.top])
