@@ -1,23 +1,37 @@
-"""Router settings: one dataclass, filled by the CLI (`sluice router` / `sluice serve`) or by tests."""
+"""The router's settings, declared once: each field with `option(...)` is also a `sluice router` flag (and a
+`sluice serve` flag unless `only=ROUTER`) and an environment variable (sluice/options.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from sluice.options import ROUTER, option
 
 
 @dataclass
 class RouterSettings:
-    hostname: str = "0.0.0.0"
-    port: int = 8080
-    model_id: str | None = None  # None: the embedded SmolLM2 (must match what the shards loaded)
-    shard_addresses: list[str] = field(default_factory=lambda: ["unix:///tmp/sluice-shard-0.sock"])
-    max_concurrent_requests: int = 128
-    max_input_tokens: int = 1024
-    max_total_tokens: int = 2048
-    max_body_bytes: int = 4 * 1024 * 1024
-    api_key: str | None = None  # when set, every route but /health and /metrics needs `Authorization: Bearer <key>`
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_best_of: int = 4  # candidates per TGI best_of / OpenAI completions best_of
-    shard_connect_timeout_s: float = 120.0
-    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
-    shard_tls_ca: str | None = None  # PEM file: talk TLS to TCP shards, trusting this CA
+    model_id: str | None = option(None, env="MODEL_ID",
+                                  help="a folder (config.json + *.safetensors), a .gguf file or a Hub id; "
+                                       "default: the embedded SmolLM2-135M-Instruct")
+    hostname: str = option("0.0.0.0", env="HOSTNAME_BIND", help="router HTTP address")
+    port: int = option(8080, env="PORT", type=int, help="router HTTP port")
+    max_concurrent_requests: int = option(128, env="MAX_CONCURRENT_REQUESTS", type=int,
+                                          help="requests in flight, streams until their last byte; beyond it: 429")
+    max_input_tokens: int = option(1024, env="MAX_INPUT_TOKENS", type=int, help="prompt tokens per request")
+    max_total_tokens: int = option(2048, env="MAX_TOTAL_TOKENS", type=int,
+                                   help="prompt + generated tokens per request")
+    max_best_of: int = option(4, env="MAX_BEST_OF", type=int, help="TGI best_of / completions best_of candidates")
+    max_stop_sequences: int = option(4, env="MAX_STOP_SEQUENCES", type=int, help="stop sequences per request")
+    max_top_n_tokens: int = option(5, env="MAX_TOP_N_TOKENS", type=int, help="alternatives with logprobs per token")
+    api_key: str | None = option(None, env="SLUICE_API_KEY",
+                                 help="require `Authorization: Bearer KEY` on every route but /health and /metrics")
+    max_body_bytes: int = option(4 * 1024 * 1024, env="MAX_BODY_BYTES", type=int,
+                                 help="larger request bodies get 413 without being read")
+    shutdown_timeout_s: float = option(30.0, flag="--shutdown-timeout", env="SHUTDOWN_TIMEOUT", type=float,
+                                       help="seconds requests in flight may take to finish after SIGTERM")
+    shard_addresses: list[str] = option(flag="--shard-address", action="append", only=ROUTER,
+                                        default_factory=lambda: ["unix:///tmp/sluice-shard.sock"],
+                                        help="shard gRPC address: unix:///path.sock, host:port or dns:///name:port "
+                                             "(every address the name resolves to); repeat for replicas")
+    shard_tls_ca: str | None = option(None, env="SHARD_TLS_CA", only=ROUTER,
+                                      help="PEM CA certificate: connect to host:port shards over TLS, trusting it")
+    shard_connect_timeout_s: float = 120.0  # how long start-up waits for every shard's Info

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from router.config import RouterSettings
+from shard.settings import ShardSettings
 from sluice.cli import build_parser
+from sluice.options import env_names, options
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -40,8 +43,9 @@ def all_manifests() -> list[dict]:
 
 
 def env_names_read() -> set[str]:
-    """Every environment variable our code reads (the CLI's flag defaults, health probe, TP ranks)."""
-    names = set()
+    """Every environment variable our code reads: the settings tables (flag defaults), and the health
+    probe's and the tensor-parallel ranks' own reads."""
+    names = env_names(RouterSettings, ShardSettings)
     for f in ("sluice/cli.py", "sluice/health.py", "shard/launch.py"):
         src = (ROOT / f).read_text()
         names |= set(re.findall(r'(?:environ\.get|_env_int)\(\s*"(\w+)"', src))
@@ -168,3 +172,14 @@ def test_grafana_dashboard_queries_metrics_the_router_exports():
     assert used
     base = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in used}
     assert base <= exported, base - exported
+
+
+def test_compose_defaults_are_the_settings_defaults():
+    """`X: ${X:-default}` in docker-compose.yml says what the CLI would use anyway, so unset means the same
+    in compose as on the command line."""
+    defaults = {opt.env: f.default for cls in (RouterSettings, ShardSettings) for f, opt in options(cls) if opt.env}
+    for svc in compose()["services"].values():
+        for name, value in svc["environment"].items():
+            m = re.fullmatch(r"\$\{(\w+):-(.*)\}", str(value))
+            if m and m.group(1) == name and m.group(2) and name in defaults:
+                assert type(defaults[name])(m.group(2)) == defaults[name], f"compose {name}={m.group(2)}"
