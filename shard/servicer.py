@@ -13,9 +13,10 @@ import logging
 import grpc
 import torch
 
-from shard.engine import FINISH_EOS, Draining, Engine, Sequence
+from shard.engine import Draining, Engine
 from shard.grammar import GrammarCompiler
 from shard.sampler import Sampled, SamplingParams
+from shard.sequence import FINISH_EOS, Sequence
 from shard.settings import ShardSettings
 from sluice.logs import METADATA_KEY, REQUEST_ID
 from sluice.modelfiles import ModelSource
