@@ -22,9 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shard.engine import Engine, EngineConfig, Sequence  # noqa: E402
+from shard.engine import Engine, EngineConfig  # noqa: E402
 from shard.models.loader import load_model  # noqa: E402
 from shard.sampler import SamplingParams  # noqa: E402
+from shard.sequence import Sequence  # noqa: E402
 from sluice.modelfiles import resolve  # noqa: E402
 
 
@@ -34,17 +35,17 @@ def prompt(i: int, n: int) -> list[int]:
 
 def decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int) -> tuple[list[float], list[float]]:
     """(eager step seconds, compiled step seconds)."""
-    compiled = engine._compiled
+    compiled = engine.runner.compiled
     for i in range(batch):
         engine.scheduler.waiting.append(Sequence(str(i), prompt(i, prompt_len), SamplingParams(), 2 * steps + 8,
                                                  lambda *_: None, ignore_eos=True))
     while any(s.num_computed < s.prompt_len for s in (*engine.scheduler.running, *engine.scheduler.waiting)):
-        engine._compiled = None
+        engine.runner.compiled = None
         engine.step()
     times: dict[bool, list[float]] = {False: [], True: []}
     for k in range(2 * steps + 1):
         on = k % 2 == 0
-        engine._compiled = compiled if on else None
+        engine.runner.compiled = compiled if on else None
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
@@ -52,7 +53,7 @@ def decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int) -> tup
             times[on].append(dt)
     for seq in list(engine.scheduler.running):
         engine.scheduler.remove(seq)
-    engine._compiled = compiled
+    engine.runner.compiled = compiled
     return times[False], times[True]
 
 

@@ -19,7 +19,8 @@ import time
 import grpc
 import torch
 
-from shard.engine import Engine, EngineConfig, run_worker
+from shard.engine import Engine, EngineConfig
+from shard.model_runner import ModelRunner
 from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
 from shard.servicer import ShardService
@@ -125,7 +126,8 @@ def main(settings: ShardSettings, source: ModelSource) -> None:
         # It still goes with rank 0 if that one dies (PDEATHSIG, or the collective failing).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        run_worker(_load(settings, source, tp), _engine_config(settings))
+        config = _engine_config(settings)
+        ModelRunner(_load(settings, source, tp), config.num_blocks, config.block_size).run_worker()
         return
     serve(settings, source, tp, children)
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import grpc
 import torch
 
-from shard.engine import FINISH_EOS, Draining, Engine, Sequence
+from shard.engine import Draining, Engine
 from shard.grammar import GrammarCompiler
 from shard.sampler import Sampled, SamplingParams
+from shard.sequence import FINISH_EOS, Sequence
 from shard.settings import ShardSettings
 from sluice.logs import METADATA_KEY, REQUEST_ID
 from sluice.modelfiles import ModelSource
@@ -23,6 +25,30 @@ from sluice.pb import shard_pb2 as pb
 from sluice.pb import shard_pb2_grpc as pb_grpc
 
 log = logging.getLogger("sluice.shard")
+
+
+def sampling_params(p: pb.SamplingParams) -> SamplingParams:
+    """The request's sampling, as the engine applies it: the proto's zero = off (temperature, top_p,
+    repetition_penalty, typical_p 0 -> 1.0), a seed picked here when sampling without one (reported
+    in the first message), and a non-positive temperature sampling greedily (as the engine always did)."""
+    temperature = p.temperature or 1.0
+    do_sample = p.do_sample and temperature > 0
+    seed = p.seed if p.HasField("seed") else None
+    if do_sample and seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    return SamplingParams(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=p.top_k,
+        top_p=p.top_p or 1.0,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        seed=seed,
+        typical_p=p.typical_p or 1.0,
+        logit_bias=(torch.tensor(list(p.logit_bias.keys())), torch.tensor(list(p.logit_bias.values())))
+        if p.logit_bias else None,
+    )
 
 
 class ShardService(pb_grpc.ShardServicer):
@@ -56,22 +82,10 @@ class ShardService(pb_grpc.ShardServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         p = request.params
-        params = SamplingParams(
-            do_sample=p.do_sample,
-            temperature=p.temperature or 1.0,
-            top_k=p.top_k,
-            top_p=p.top_p or 1.0,
-            repetition_penalty=p.repetition_penalty or 1.0,
-            frequency_penalty=p.frequency_penalty,
-            presence_penalty=p.presence_penalty,
-            seed=p.seed if p.HasField("seed") else None,
-            typical_p=p.typical_p or 1.0,
-        )
+        params = sampling_params(p)
         vocab = self.engine.model.cfg.vocab_size
         if any(t >= vocab for t in (*request.input_ids, *p.logit_bias)):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be below the vocabulary size {vocab}")
-        if p.logit_bias:
-            params.logit_bias = (torch.tensor(list(p.logit_bias.keys())), torch.tensor(list(p.logit_bias.values())))
         matcher = None
         if request.grammar:
             try:  # compiling takes milliseconds to a second: never on the engine thread
@@ -116,9 +130,10 @@ class ShardService(pb_grpc.ShardServicer):
                         log.warning("generation failed: %s", value)
                         await context.abort(grpc.StatusCode.INTERNAL, str(value))
                     msg.tokens.append(_token(value))
-                    if value.finish:
+                    if value.finish:  # the last message: nothing is ever sent after it
                         msg.finish_reason = pb.FINISH_REASON_EOS if value.finish == FINISH_EOS else pb.FINISH_REASON_LENGTH
                         done = True
+                        break
                 yield msg
                 if done:
                     return

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 from torch._dynamo.utils import counters
 
-from shard.engine import Engine, EngineConfig, Sequence
+from shard.engine import Engine, EngineConfig
 from shard.models.loader import load_model
 from shard.sampler import SamplingParams
+from shard.sequence import Sequence
 from sluice.modelfiles import ModelSource
 
 # Four sequences decode together, then three, then one; the longest crosses a 64-token context

@@ -8,9 +8,10 @@ import threading
 import pytest
 import torch
 
-from shard.engine import Draining, Engine, EngineConfig, Sequence
+from shard.engine import Draining, Engine, EngineConfig
 from shard.models.loader import load_model
 from shard.sampler import SamplingParams
+from shard.sequence import Sequence
 from sluice.modelfiles import ModelSource
 
 PROMPTS = [[5, 17, 300, 42, 8, 99, 1000, 7], [11, 12, 13], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412], [2000]]

@@ -1,0 +1,229 @@
+"""The model side of a step: the KV cache, the step's input tensors, the forward and its logits.
+
+Rank 0's engine calls `ModelRunner.step`; under tensor parallelism it broadcasts the step's inputs
+and every other rank runs the same `_forward` on them in `run_worker`, so there is one step path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from shard.memory import TRIM_INTERVAL_S, release_free_memory
+from shard.models.llama import AttentionBatch, LlamaModel
+from shard.parallel import broadcast_step
+from shard.sequence import Sequence
+
+log = logging.getLogger("sluice.engine")
+
+# Compiled decode steps pad the context to a multiple of this: the context length is a dynamic
+# dimension of the graph, and padding keeps it clear of the sizes 0 and 1 that torch specializes.
+L_ALIGN = 64
+
+
+@dataclass
+class StepInputs:
+    """One step's tensors, as rank 0 broadcasts them to the other tensor-parallel ranks."""
+
+    ids: torch.Tensor  # [T] every scheduled token, sequence after sequence
+    positions: torch.Tensor  # [T]
+    batch: AttentionBatch
+    rows: list[int]  # rows of the hidden states that need logits: samplers first, then prompt logprobs
+
+
+@dataclass
+class PrefillRows:
+    """Rows of a step that give prompt logprobs: the hidden-state rows, and the prompt token each predicts."""
+
+    seq: Sequence
+    rows: list[int]
+    targets: list[int]
+
+
+def allocate_kv_caches(model: LlamaModel, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # One K and one V tensor per layer (not one big tensor): writes stay in place. Each
+    # tensor-parallel rank holds only its own KV heads. zero_() writes every page now: a lazily
+    # mapped cache would grow the process's resident memory block by block under load, up to the
+    # whole cache, and an out-of-memory would come late instead of at start-up.
+    cfg, w = model.cfg, model.embed_tokens
+    shape = (num_slots, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
+    return [(torch.empty(shape, dtype=w.dtype, device=w.device).zero_(),
+             torch.empty(shape, dtype=w.dtype, device=w.device).zero_()) for _ in range(cfg.num_layers)]
+
+
+def compile_decode(model: LlamaModel) -> Callable:
+    """torch.compile of the model for decode-only steps. Eager, each step pays a fixed ~8-15 ms
+    of Python and ATen dispatch over ~700 small ops; the compiled graph fuses them. Two graphs:
+    batch 1, and every batch of 2 or more (a dynamic dimension, measured as fast as one graph per
+    padded batch size, and compiled once instead of seven times). See ModelRunner.warm_up."""
+    if model.tp.size > 1:
+        raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
+    import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)
+    import torch._inductor.config
+
+    # Freezing makes the weights constants that inductor packs once for oneDNN's matmuls: 1.2x
+    # over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). It must be set globally:
+    # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
+    torch._inductor.config.freezing = True
+    return torch.compile(model.hidden_states, dynamic=False)
+
+
+class ModelRunner:
+    """Owns the KV cache and runs the model; knows sequences only to read their tokens and blocks."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, compile: bool = False) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = model.embed_tokens.device
+        self.kv_caches = allocate_kv_caches(model, num_blocks * block_size)
+        # The compiled decode graph, or None: eager. Benchmarks swap it to compare the two.
+        self.compiled: Callable | None = compile_decode(model) if compile else None
+
+    def warm_up(self) -> None:
+        """Compile both decode graphs now, before the first request (tens of seconds each on a
+        small CPU): compiled lazily, the first request of each kind would stall every stream in its
+        batch that long. Dummy rows write their K/V into slot 0, which no sequence holds yet (and
+        any sequence given it later writes before it reads)."""
+        if self.compiled is None:
+            return
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=self.device)
+
+        t0 = time.monotonic()
+        with torch.inference_mode():
+            for batch_size in (1, 2):
+                # Shaped like prepare's tensors (distinct, contiguous): else the guards differ.
+                mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
+                batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask, None, None)
+                ids, positions = zeros(batch_size), zeros(batch_size)
+                self._mark_dynamic(ids, positions, batch)
+                self.compiled(ids, positions, batch, self.kv_caches)
+        log.info("compiled the decode graphs in %.1fs", time.monotonic() - t0)
+
+    @staticmethod
+    def _mark_dynamic(ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> None:
+        torch._dynamo.mark_dynamic(batch.kv_slots, 1)
+        torch._dynamo.mark_dynamic(batch.mask, 2)
+        if ids.shape[0] > 1:  # batch 1 keeps a graph of its own (torch specializes size 1 anyway)
+            for t in (ids, positions, batch.slot_mapping, batch.kv_slots, batch.mask):
+                torch._dynamo.mark_dynamic(t, 0)
+
+    # --- rank 0 ---------------------------------------------------------------------------
+    def step(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run the scheduled tokens; record prompt logprobs on the sequences that asked for them.
+        Returns the sequences that sample this step (their prompt is complete) and their float32
+        logits [len(samplers), vocab] on the CPU (None when none samples)."""
+        inputs, samplers, prefill = self.prepare(scheduled)
+        logits = self.run(inputs)
+        if prefill:
+            logprobs = torch.log_softmax(logits[len(samplers):], dim=-1)
+            at = 0
+            for p in prefill:
+                got = logprobs[at : at + len(p.rows)].gather(1, torch.tensor(p.targets).unsqueeze(1))
+                p.seq.prefill.extend(got[:, 0].tolist())
+                at += len(p.rows)
+        return samplers, None if logits is None else logits[: len(samplers)]
+
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Broadcast the step to the other ranks (if any), run it here too; logits on the CPU."""
+        if self.model.tp.size > 1:
+            broadcast_step(inputs)
+        logits = self._forward(inputs)
+        return None if logits is None else logits.cpu()
+
+    def release_workers(self) -> None:
+        """Tell the other tensor-parallel ranks there are no more steps (their run_worker returns)."""
+        if self.model.tp.size > 1:
+            broadcast_step(None)
+
+    # --- every rank -----------------------------------------------------------------------
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        forward = self.compiled if self.compiled is not None and inputs.batch.q_index is None else self.model
+        hidden = forward(inputs.ids, inputs.positions, inputs.batch, self.kv_caches)
+        if not inputs.rows:
+            return None
+        # Under tensor parallelism every rank joins the vocabulary all-gather; rank 0 samples.
+        return self.model.logits(hidden[inputs.rows])
+
+    # --- the other ranks ------------------------------------------------------------------
+    def run_worker(self) -> None:
+        """Tensor-parallel ranks other than 0: run every step rank 0 broadcasts, on this rank's slice."""
+        torch.set_grad_enabled(False)
+        trimmed_at = time.monotonic()
+        while (inputs := broadcast_step(None)) is not None:
+            self._forward(inputs)
+            if time.monotonic() - trimmed_at > TRIM_INTERVAL_S:
+                release_free_memory()
+                trimmed_at = time.monotonic()
+
+    # --- step preparation -----------------------------------------------------------------
+    def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence], list[PrefillRows]]:
+        """The step's inputs, the sequences that sample (in row order), and the prompt-logprob rows."""
+        ids, positions, batch, sample_rows = self._tensors(scheduled)
+        samplers = [seq for (seq, _), row in zip(scheduled, sample_rows) if row is not None]
+        prefill = self._prefill_rows(scheduled)
+        rows = [r for r in sample_rows if r is not None] + [r for p in prefill for r in p.rows]
+        return StepInputs(ids, positions, batch, rows), samplers, prefill
+
+    def _prefill_rows(self, scheduled: list[tuple[Sequence, int]]) -> list[PrefillRows]:
+        """Rows for sequences that asked for prompt logprobs and still miss some (a preempted
+        sequence's are kept, not redone)."""
+        out, start = [], 0
+        for seq, n in scheduled:
+            if seq.prefill is not None and len(seq.prefill) < seq.prompt_len:
+                s = seq.num_computed
+                first, end = max(s, len(seq.prefill) - 1), min(s + n, seq.prompt_len - 1)
+                if first < end:
+                    out.append(PrefillRows(seq, [start + p - s for p in range(first, end)], seq.token_ids[first + 1 : end + 1]))
+            start += n
+        return out
+
+    def _tensors(self, scheduled: list[tuple[Sequence, int]]):
+        """Flatten the step's tokens and build the attention gather/mask for the whole batch."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        starts, lens, ctx = [], [], []
+        sample_rows: list[int | None] = []
+        for seq, n in scheduled:
+            s = seq.num_computed
+            starts.append(len(ids))
+            ids.extend(seq.token_ids[s : s + n])
+            positions.extend(range(s, s + n))
+            lens.append(n)
+            ctx.append(s + n)
+            sample_rows.append(len(ids) - 1 if s + n == seq.num_tokens else None)
+        B, Qm, Lm = len(scheduled), max(lens), max(ctx)
+        compiled = self.compiled is not None and Qm == 1
+        if compiled:
+            Lm = -(-Lm // L_ALIGN) * L_ALIGN
+        max_blocks = math.ceil(Lm / bs)
+        table = torch.tensor([seq.blocks[:max_blocks] + [0] * (max_blocks - len(seq.blocks[:max_blocks])) for seq, _ in scheduled])
+        kv_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(B, -1)[:, :Lm]
+        pos_t = torch.tensor(positions)
+        block_of = torch.tensor([seq.blocks[p // bs] for (seq, n) in scheduled for p in range(seq.num_computed, seq.num_computed + n)])
+        slot_mapping = block_of * bs + pos_t % bs
+        keys = torch.arange(Lm)
+        if Qm == 1:
+            mask = (keys < torch.tensor(ctx).unsqueeze(1)).unsqueeze(1)
+            q_index = q_valid = None
+        else:
+            qi = torch.arange(Qm)
+            lens_t, starts_t = torch.tensor(lens).unsqueeze(1), torch.tensor(starts).unsqueeze(1)
+            q_valid = qi < lens_t
+            q_index = torch.where(q_valid, starts_t + qi, 0)
+            q_pos = torch.tensor([seq.num_computed for seq, _ in scheduled]).unsqueeze(1) + qi  # [B, Qm]
+            mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
+        ids_t = torch.tensor(ids)
+        batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
+        if self.device.type != "cpu":
+            batch = AttentionBatch(*(None if t is None else t.to(self.device, non_blocking=True) for t in vars(batch).values()))
+            ids_t, pos_t = ids_t.to(self.device), pos_t.to(self.device)
+        if compiled:  # on the tensors the graph gets: a copy to the device does not keep the marks
+            self._mark_dynamic(ids_t, pos_t, batch)
+        return ids_t, pos_t, batch, sample_rows
