@@ -5,7 +5,6 @@ thread; other ranks run the model runner's worker loop.
 """
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
@@ -16,17 +15,15 @@ import sys
 import threading
 import time
 
-import grpc
 import torch
 
 from shard.engine import Engine, EngineConfig
 from shard.model_runner import ModelRunner
 from shard.models.loader import load_model, model_config
-from shard.parallel import TPGroup, broadcast_step, check_divisible, init_group
-from shard.servicer import ShardService
+from shard.parallel import TPGroup, check_divisible, init_group
+from shard.servicer import GrpcServer
 from shard.settings import ShardSettings
 from sluice.modelfiles import ModelSource
-from sluice.pb import shard_pb2_grpc as pb_grpc
 from sluice.process import die_with_parent
 
 log = logging.getLogger("sluice.shard")
@@ -138,7 +135,7 @@ def _watch_ranks(engine: Engine, children: list[subprocess.Popen]) -> None:
     while True:
         for r, child in enumerate(children, start=1):
             code = child.poll()
-            if code is not None and not engine._stop:
+            if code is not None and not engine.stopping:
                 log.error("shard rank %d exited with code %s: stopping the group", r, code)
                 engine.fail_all(f"shard rank {r} died (exit code {code})")
                 time.sleep(1.0)  # let the error events reach the router
@@ -156,14 +153,11 @@ def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = Non
         os._exit(1)
 
     engine.on_fatal = fatal
-    ready = threading.Event()
-    box: dict = {}
-    grpc_thread = threading.Thread(target=lambda: asyncio.run(_serve_grpc(engine, source, settings, ready, box)),
-                                   name="grpc", daemon=True)
-    grpc_thread.start()
-    ready.wait()
-    if "error" in box:
-        raise SystemExit(box["error"])
+    server = GrpcServer(engine, source, settings)
+    error = server.start()
+    if error:
+        engine.stop()
+        raise SystemExit(error)
     if children:
         threading.Thread(target=_watch_ranks, args=(engine, children), daemon=True).start()
     # SIGTERM drains (a second one, or SIGINT, stops at once): Kubernetes and compose send it before
@@ -171,35 +165,8 @@ def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = Non
     signal.signal(signal.SIGTERM, lambda *_: engine.stop() if engine.drain_deadline else engine.drain(settings.shutdown_timeout_s))
     signal.signal(signal.SIGINT, lambda *_: engine.stop())
     engine.run()
-    box["loop"].call_soon_threadsafe(box["stop"].set)
-    grpc_thread.join(timeout=5)
-    if tp is not None and tp.size > 1 and engine.failed is None:
-        broadcast_step(None)  # release the other ranks
+    server.stop()
+    if engine.failed is None:
+        engine.runner.release_workers()
     for child in children or []:
         child.wait(timeout=10)
-
-
-async def _serve_grpc(engine: Engine, source: ModelSource, settings: ShardSettings,
-                      ready: threading.Event, box: dict) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ShardServicer_to_server(ShardService(engine, source, settings), server)
-    try:
-        if settings.tls_cert:
-            with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            port = server.add_secure_port(settings.address, credentials)
-        else:
-            port = server.add_insecure_port(settings.address)
-    except (RuntimeError, OSError) as exc:
-        port, box["error"] = 0, f"shard: cannot listen on {settings.address}: {exc}"
-    if port == 0:
-        box.setdefault("error", f"shard: cannot listen on {settings.address} (in use?)")
-        engine.stop()
-        ready.set()
-        return
-    await server.start()
-    box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
-    log.info("shard ready on %s", settings.address)
-    ready.set()
-    await box["stop"].wait()
-    await server.stop(grace=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import os
 
 import grpc
@@ -146,3 +147,53 @@ class ShardService(pb_grpc.ShardServicer):
 
 def _token(s: Sampled) -> pb.Token:
     return pb.Token(id=s.token_id, logprob=s.logprob, top_tokens=[pb.TopToken(id=i, logprob=lp) for i, lp in s.top])
+
+
+class GrpcServer:
+    """The shard's gRPC server in a thread of its own (its own event loop): the engine loop keeps the
+    main thread (see Engine.start for why). `start()` returns once the server listens, or with the reason
+    it can't; `stop()` may be called from any thread. Tests use it to run a real shard in-process."""
+
+    def __init__(self, engine: Engine, source: ModelSource, settings: ShardSettings) -> None:
+        self.engine, self.source, self.settings = engine, source, settings
+        self._ready = threading.Event()
+        self._error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="grpc", daemon=True)
+
+    def start(self) -> str | None:
+        """Listen on settings.address; None when serving, else why not."""
+        self._thread.start()
+        self._ready.wait()
+        return self._error
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join(timeout=5)
+
+    async def _serve(self) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ShardServicer_to_server(ShardService(self.engine, self.source, self.settings), server)
+        address = self.settings.address
+        try:
+            port = server.add_secure_port(address, self._credentials()) if self.settings.tls_cert \
+                else server.add_insecure_port(address)
+        except (RuntimeError, OSError) as exc:
+            self._error = f"shard: cannot listen on {address}: {exc}"
+            port = 0
+        if port == 0:
+            self._error = self._error or f"shard: cannot listen on {address} (in use?)"
+            self._ready.set()
+            return
+        await server.start()
+        self._loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
+        log.info("shard ready on %s", address)
+        self._ready.set()
+        await self._stopped.wait()
+        await server.stop(grace=2)
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        with open(self.settings.tls_key, "rb") as key, open(self.settings.tls_cert, "rb") as cert:
+            return grpc.ssl_server_credentials([(key.read(), cert.read())])
