@@ -126,6 +126,9 @@ def build_llamacpp() -> Path:
     bin_dir = build / "bin"
     if (bin_dir / "llama-server").exists() and (bin_dir / "llama-quantize").exists():
         return bin_dir
+    for tool in ("cmake", "c++"):
+        if not shutil.which(tool):
+            raise SystemExit(f"building llama.cpp needs {tool} (apt-get install cmake g++), or pass --llama-server")
     src.mkdir(parents=True, exist_ok=True)
     log = CACHE / "build.log"
     print(f"building llama.cpp into {build} (one job, nice 19; takes a while)", flush=True)
@@ -274,12 +277,18 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return res
 
 
+def limits(concurrency: int) -> httpx.Limits:
+    """A new connection per request, for both servers alike: llama-server's cpp-httplib drops kept-alive
+    connections (after a few requests or seconds), which httpx then reports as a failed request.
+    A localhost connect costs well under a millisecond of TTFT."""
+    return httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+
+
 async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Result], float]:
     """All `prompts` through at most `concurrency` in flight; the results and the wall time."""
     queue = list(reversed(prompts))
     results: list[Result] = []
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits(concurrency)) as client:
         async def worker() -> None:
             while queue:
                 results.append(await one_request(client, url, queue.pop(), max_tokens))
@@ -320,7 +329,7 @@ async def shared_prefix(url: str, rng: random.Random, prefix_words: int, suffix_
                         max_tokens: int, pairs: int = 3) -> dict:
     """Sequential pairs: prefix+A (cold) then prefix+B; medians of the first and second TTFT."""
     first, second = [], []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits(1)) as client:
         for _ in range(pairs):
             prefix = make_prompt(rng, prefix_words)
             a = await one_request(client, url, prefix + " " + make_prompt(rng, suffix_words), max_tokens)
@@ -395,6 +404,9 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
         print(f"\n{scenario:<{width}}" + "".join(f"{h:>13}" for _, h, _ in metrics))
         for s in servers:
             row = results[s].get(scenario, {})
+            if "error" in row:
+                print(f"{s:<{width}}  failed: {row['error']}")
+                continue
             print(f"{s:<{width}}" + "".join(f"{cell(row.get(k)):>13}" for k, _, _ in metrics))
         for s in sluices:
             cells = []
