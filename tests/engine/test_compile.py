@@ -10,6 +10,8 @@ from shard.sampler import SamplingParams
 from shard.sequence import Sequence
 from sluice.modelfiles import ModelSource
 
+pytestmark = pytest.mark.slow  # torch.compile takes tens of seconds: outside the fast tier
+
 # Four sequences decode together, then three, then one; the longest crosses a 64-token context
 # boundary. The two graphs compiled by warm_up (batch 1, batch >= 2) must serve all of it.
 PROMPTS = [[5, 17, 300, 42, 8, 99, 1000, 7] * 7, [11, 12, 13], [400, 401, 402, 403, 404, 405], [2000, 7]]
