@@ -11,15 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -30,6 +28,7 @@ from sluice import modelfiles
 from sluice.pb import shard_pb2
 
 from . import constraints, schemas
+from .body import parse
 from .asgi import Admission, ApiError, Deferred, EventStream, Load, error_response
 from .config import RouterSettings
 from .metrics import Metrics
@@ -216,71 +215,6 @@ class Router:
 
 
 # ---- request parsing ----
-
-
-# A declared body at most this much over the limit is read and dropped before the 413, so that the client,
-# still sending it, reads the answer: closing on unread bytes resets the connection, and most clients then
-# report a broken connection instead of the 413. Larger ones are refused unread (nginx's lingering close,
-# bounded the same way).
-DISCARD_MAX_BYTES = 1 << 20
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit`: from Content-Length before
-    keeping a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        if int(declared) <= limit + DISCARD_MAX_BYTES:
-            async for _ in request.stream():
-                pass
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def load_json(raw: bytes):
-    """Strict JSON: no NaN/Infinity (Python's json takes them), valid UTF-8 (decode errors are ValueErrors),
-    bounded nesting (RecursionError), and no unpaired surrogates (a `\\ud800` escape parses, but would
-    fail later in the tokenizer or when the answer is encoded)."""
-    try:
-        data = json.loads(raw, parse_constant=_no_constant)
-        json.dumps(data, ensure_ascii=False).encode()
-    except RecursionError as exc:
-        raise ApiError(422, "the body is not valid JSON: nested too deeply") from exc
-    except UnicodeEncodeError as exc:
-        raise ApiError(422, "the body is not valid JSON: a string has an unpaired UTF-16 surrogate") from exc
-    except ValueError as exc:
-        raise ApiError(422, f"the body is not valid JSON: {exc}") from exc
-    return data
-
-
-async def parse(request: Request, model: type[BaseModel]):
-    content_type = request.headers.get("content-type", "application/json")
-    if "json" not in content_type:
-        raise ApiError(422, f"Content-Type must be application/json, got {content_type!r}")
-    data = load_json(await read_body(request, router_of(request).settings.max_body_bytes))
-    if not isinstance(data, dict):
-        raise ApiError(422, "the body must be a JSON object")
-    try:
-        body = model.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, schemas.describe(exc)) from exc
-    ignored = body.ignored_fields()
-    if isinstance(getattr(body, "parameters", None), schemas.Parameters):
-        ignored += [f"parameters.{k}" for k in body.parameters.ignored_fields()]
-    if ignored:
-        log.info("%s: ignoring unknown fields %s", request.url.path, ", ".join(ignored))
-        request.scope["sluice.ignored"] = ignored  # Admission names them in x-sluice-ignored-fields
-    return body
 
 
 def router_of(request: Request) -> Router:
@@ -800,66 +734,6 @@ def create_app(settings: RouterSettings) -> Starlette:
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind before the (slow) start-up so a taken port fails at once, with a message that says so."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"sluice router: cannot listen on {host}:{port}: {exc.strerror} "
-                         f"(is another server using port {port}? pass --port)") from None
-    sock.set_inheritable(True)
-    return sock
+from .server import serve  # noqa: E402  (sluice.cli imports it from here)
 
-
-def serve(settings: RouterSettings) -> None:
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn, but SIGTERM drains first: the router keeps listening and answers 503 (so a load
-        balancer's probes see it) while admitted requests finish, for up to `shutdown_timeout_s`; then
-        uvicorn's own shutdown runs. SIGINT, or a second SIGTERM, still stops at once."""
-
-        drain_deadline: float | None = None
-        abort_deadline: float | None = None
-
-        def handle_exit(self, sig, frame) -> None:
-            if sig == signal.SIGTERM and self.drain_deadline is None:
-                # Not passed on to uvicorn, which would re-raise the signal after shutting down and so
-                # turn a clean drain into death by SIGTERM (exit status -15 instead of 0).
-                self.drain_deadline = time.monotonic() + settings.shutdown_timeout_s
-                load.draining = True
-                log.info("SIGTERM: draining %d request(s) in flight, for up to %.0f s",
-                         load.in_flight, settings.shutdown_timeout_s)
-                return
-            super().handle_exit(sig, frame)
-
-        async def on_tick(self, counter: int) -> bool:
-            if self.drain_deadline is not None and not self.should_exit:
-                now = time.monotonic()
-                if load.in_flight and now >= self.drain_deadline and self.abort_deadline is None:
-                    # Streams still going get a last error event (non-streamed requests a 500) rather than
-                    # a connection that just drops; a moment later uvicorn closes whatever is left.
-                    log.warning("shutdown timeout: stopping %d request(s) still in flight", load.in_flight)
-                    app.state.router.pool.abort_all(
-                        f"the server is shutting down: generation stopped after the {settings.shutdown_timeout_s:g} s "
-                        "shutdown timeout")
-                    self.abort_deadline = now + 2.0
-                if load.in_flight == 0 or (self.abort_deadline is not None and now >= self.abort_deadline):
-                    self.should_exit = True
-            return await super().on_tick(counter)
-
-    sock = _bind(settings.hostname, settings.port)
-    app = create_app(settings)
-    load: Load = app.state.load
-    # log_config=None: uvicorn's loggers go through ours (the request id in every line, the access log too).
-    config = uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30)
-    server = DrainingServer(config)
-    log.info("router listening on http://%s:%d", settings.hostname, settings.port)
-    server.run(sockets=[sock])
-    if not server.started:
-        raise SystemExit("sluice router: start-up failed (see the log above)")
+__all__ = ["create_app", "serve"]
