@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -38,7 +38,6 @@ from .textgen import Generation, IncompleteGeneration, Piece, TextGenerator
 log = logging.getLogger("sluice.router")
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
-GENERATION_ROUTES = {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"}
 
 
 @dataclass
@@ -653,34 +652,21 @@ async def metrics(request: Request) -> Response:
 
 
 def openapi_schema() -> dict:
-    def body(model: type[BaseModel]) -> dict:
-        return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
-
-    sse = {"200": {"description": "server-sent events", "content": {"text/event-stream": {}}}}
+    """The OpenAPI document, built from ENDPOINTS (so it cannot miss a route)."""
     errors = {"422": {"description": "validation error"}, "429": {"description": "overloaded"}}
-    post = lambda summary, model, responses: {  # noqa: E731
-        "post": {"summary": summary, "requestBody": body(model), "responses": {**responses, **errors}}}
-    ok = {"200": {"description": "OK", "content": {"application/json": {}}}}
-    get = lambda summary: {"get": {"summary": summary, "responses": ok}}  # noqa: E731
+    paths = {}
+    for e in ENDPOINTS:
+        op: dict = {"summary": e.summary, "responses": dict(RESPONSES[e.kind])}
+        if e.body is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": e.body.model_json_schema()}}}
+            op["responses"].update(errors)
+        paths[e.path] = {e.method.lower(): op}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": sluice.__version__,
                  "description": "TGI- and OpenAI-compatible text generation"},
-        "paths": {
-            "/": post("TGI generate; streams when `stream` is true", schemas.GenerateRequest, ok),
-            "/generate": post("TGI generate", schemas.GenerateRequest, ok),
-            "/generate_stream": post("TGI generate, streamed", schemas.GenerateRequest, sse),
-            "/v1/chat/completions": post("OpenAI chat completions", schemas.ChatCompletionRequest, {**ok, **sse}),
-            "/v1/completions": post("OpenAI completions", schemas.CompletionRequest, {**ok, **sse}),
-            "/tokenize": post("TGI tokenize", schemas.TokenizeRequest, ok),
-            "/v1/models": get("the served model"),
-            "/health": get("200 when a shard answers its health check, else 503"),
-            "/info": get("model and limits"),
-            "/metrics": get("Prometheus metrics"),
-            "/openapi.json": get("this document"),
-            "/docs": {"get": {"summary": "a page pointing at this document",
-                              "responses": {"200": {"description": "OK", "content": {"text/html": {}}}}}},
-        },
+        "paths": paths,
     }
 
 
@@ -691,6 +677,46 @@ async def openapi(request: Request) -> Response:
 async def docs(request: Request) -> Response:
     return HTMLResponse('<!doctype html><title>Sluice API</title><p>The OpenAPI description is at '
                         '<a href="/openapi.json">/openapi.json</a>.</p>')
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route: the single table that Starlette's routes, Admission's route sets and the OpenAPI document
+    all read."""
+
+    path: str
+    method: str
+    handler: Callable[[Request], Awaitable[Response]]
+    summary: str
+    body: type[BaseModel] | None = None
+    kind: str = "json"  # the OpenAPI responses: json, sse, both (json or sse), html
+    generation: bool = False  # counted against max_concurrent_requests by Admission
+
+
+_OK = {"200": {"description": "OK", "content": {"application/json": {}}}}
+_SSE = {"200": {"description": "server-sent events", "content": {"text/event-stream": {}}}}
+RESPONSES = {"json": _OK, "sse": _SSE, "both": {**_OK, **_SSE},
+             "html": {"200": {"description": "OK", "content": {"text/html": {}}}}}
+
+ENDPOINTS: list[Endpoint] = [
+    Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
+             generation=True),
+    Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True),
+    Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
+             "sse", generation=True),
+    Endpoint("/v1/chat/completions", "POST", chat_completions, "OpenAI chat completions",
+             schemas.ChatCompletionRequest, "both", generation=True),
+    Endpoint("/v1/completions", "POST", completions, "OpenAI completions", schemas.CompletionRequest, "both",
+             generation=True),
+    Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest),
+    Endpoint("/v1/models", "GET", models, "the served model"),
+    Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503"),
+    Endpoint("/info", "GET", info, "model and limits"),
+    Endpoint("/metrics", "GET", metrics, "Prometheus metrics"),
+    Endpoint("/openapi.json", "GET", openapi, "this document"),
+    Endpoint("/docs", "GET", docs, "a page pointing at this document", kind="html"),
+]
+GENERATION_ROUTES = {e.path for e in ENDPOINTS if e.generation}
 
 
 async def on_api_error(request: Request, exc: ApiError) -> Response:
@@ -711,20 +737,7 @@ def create_app(settings: RouterSettings) -> Starlette:
         finally:
             await router.pool.close()
 
-    routes = [
-        Route("/", tgi_compat, methods=["POST"]),
-        Route("/generate", tgi_generate, methods=["POST"]),
-        Route("/generate_stream", tgi_generate_stream, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-    ]
+    routes = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
     app.state.router = router
     app.state.load = load
