@@ -67,24 +67,27 @@ class Job:
 class Router:
     """What every handler needs; built in the app's lifespan."""
 
-    def __init__(self, settings: RouterSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: RouterSettings, metrics: Metrics, pool: ShardPool | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.source = modelfiles.resolve(settings.model_id)
         self.tokenizer = None
-        self.pool: ShardPool | None = None
+        self.pool: ShardPool | None = pool
+        # A pool handed in (tests: an in-process shard or a fake) is the caller's to connect and close.
+        self.owns_pool = pool is None
         self.textgen: TextGenerator | None = None
 
     async def start(self) -> None:
-        self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
         # Converting the GGUF tokenizer takes seconds: do it while the shards load their weights.
         tokenizer_task = asyncio.create_task(asyncio.to_thread(modelfiles.load_tokenizer, self.source))
-        try:
-            await self.pool.connect(self.settings.shard_connect_timeout_s)
-        except BaseException:
-            tokenizer_task.cancel()
-            await self.pool.close()
-            raise
+        if self.owns_pool:
+            self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
+            try:
+                await self.pool.connect(self.settings.shard_connect_timeout_s)
+            except BaseException:
+                tokenizer_task.cancel()
+                await self.pool.close()
+                raise
         self.tokenizer = await tokenizer_task
         self.textgen = TextGenerator(self.tokenizer, self.pool, self.metrics)
         s, info = self.settings, self.pool.info
@@ -724,9 +727,10 @@ async def on_api_error(request: Request, exc: ApiError) -> Response:
     return error_response(exc.status, exc.message, exc.error_type, {"Connection": "close"} if exc.status == 413 else None)
 
 
-def create_app(settings: RouterSettings) -> Starlette:
+def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starlette:
+    """The app. With `pool` (the test seam), it serves through that pool instead of connecting its own."""
     metrics_ = Metrics()
-    router = Router(settings, metrics_)
+    router = Router(settings, metrics_, pool)
     load = Load()
 
     @contextlib.asynccontextmanager
@@ -735,7 +739,8 @@ def create_app(settings: RouterSettings) -> Starlette:
         try:
             yield
         finally:
-            await router.pool.close()
+            if router.owns_pool and router.pool is not None:
+                await router.pool.close()
 
     routes = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
