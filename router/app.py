@@ -29,7 +29,9 @@ from sluice.pb import shard_pb2
 
 from . import constraints, schemas
 from .body import parse
-from .asgi import Admission, ApiError, Deferred, EventStream, Load, error_response
+from .admission import Admission, Load
+from .errors import ApiError, error_response
+from .sse import Deferred, EventStream
 from .config import RouterSettings
 from .metrics import Metrics
 from .shards import ShardError, ShardPool

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from . import schemas
-from .asgi import ApiError
+from .errors import ApiError
 
 log = logging.getLogger("sluice.router")
 

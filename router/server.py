@@ -7,7 +7,7 @@ import signal
 import socket
 import time
 
-from .asgi import Load
+from .admission import Load
 from .config import RouterSettings
 
 log = logging.getLogger("sluice.router")
