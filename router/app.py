@@ -11,15 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -30,7 +28,10 @@ from sluice import modelfiles
 from sluice.pb import shard_pb2
 
 from . import constraints, schemas
-from .asgi import Admission, ApiError, Deferred, EventStream, Load, error_response
+from .body import parse
+from .admission import Admission, Load
+from .errors import ApiError, error_response
+from .sse import Deferred, EventStream
 from .config import RouterSettings
 from .metrics import Metrics
 from .shards import ShardError, ShardPool
@@ -39,7 +40,6 @@ from .textgen import Generation, IncompleteGeneration, Piece, TextGenerator
 log = logging.getLogger("sluice.router")
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
-GENERATION_ROUTES = {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"}
 
 
 @dataclass
@@ -69,24 +69,27 @@ class Job:
 class Router:
     """What every handler needs; built in the app's lifespan."""
 
-    def __init__(self, settings: RouterSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: RouterSettings, metrics: Metrics, pool: ShardPool | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.source = modelfiles.resolve(settings.model_id)
         self.tokenizer = None
-        self.pool: ShardPool | None = None
+        self.pool: ShardPool | None = pool
+        # A pool handed in (tests: an in-process shard or a fake) is the caller's to connect and close.
+        self.owns_pool = pool is None
         self.textgen: TextGenerator | None = None
 
     async def start(self) -> None:
-        self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
         # Converting the GGUF tokenizer takes seconds: do it while the shards load their weights.
         tokenizer_task = asyncio.create_task(asyncio.to_thread(modelfiles.load_tokenizer, self.source))
-        try:
-            await self.pool.connect(self.settings.shard_connect_timeout_s)
-        except BaseException:
-            tokenizer_task.cancel()
-            await self.pool.close()
-            raise
+        if self.owns_pool:
+            self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
+            try:
+                await self.pool.connect(self.settings.shard_connect_timeout_s)
+            except BaseException:
+                tokenizer_task.cancel()
+                await self.pool.close()
+                raise
         self.tokenizer = await tokenizer_task
         self.textgen = TextGenerator(self.tokenizer, self.pool, self.metrics)
         s, info = self.settings, self.pool.info
@@ -216,71 +219,6 @@ class Router:
 
 
 # ---- request parsing ----
-
-
-# A declared body at most this much over the limit is read and dropped before the 413, so that the client,
-# still sending it, reads the answer: closing on unread bytes resets the connection, and most clients then
-# report a broken connection instead of the 413. Larger ones are refused unread (nginx's lingering close,
-# bounded the same way).
-DISCARD_MAX_BYTES = 1 << 20
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to be over `limit`: from Content-Length before
-    keeping a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        if int(declared) <= limit + DISCARD_MAX_BYTES:
-            async for _ in request.stream():
-                pass
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def load_json(raw: bytes):
-    """Strict JSON: no NaN/Infinity (Python's json takes them), valid UTF-8 (decode errors are ValueErrors),
-    bounded nesting (RecursionError), and no unpaired surrogates (a `\\ud800` escape parses, but would
-    fail later in the tokenizer or when the answer is encoded)."""
-    try:
-        data = json.loads(raw, parse_constant=_no_constant)
-        json.dumps(data, ensure_ascii=False).encode()
-    except RecursionError as exc:
-        raise ApiError(422, "the body is not valid JSON: nested too deeply") from exc
-    except UnicodeEncodeError as exc:
-        raise ApiError(422, "the body is not valid JSON: a string has an unpaired UTF-16 surrogate") from exc
-    except ValueError as exc:
-        raise ApiError(422, f"the body is not valid JSON: {exc}") from exc
-    return data
-
-
-async def parse(request: Request, model: type[BaseModel]):
-    content_type = request.headers.get("content-type", "application/json")
-    if "json" not in content_type:
-        raise ApiError(422, f"Content-Type must be application/json, got {content_type!r}")
-    data = load_json(await read_body(request, router_of(request).settings.max_body_bytes))
-    if not isinstance(data, dict):
-        raise ApiError(422, "the body must be a JSON object")
-    try:
-        body = model.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, schemas.describe(exc)) from exc
-    ignored = body.ignored_fields()
-    if isinstance(getattr(body, "parameters", None), schemas.Parameters):
-        ignored += [f"parameters.{k}" for k in body.parameters.ignored_fields()]
-    if ignored:
-        log.info("%s: ignoring unknown fields %s", request.url.path, ", ".join(ignored))
-        request.scope["sluice.ignored"] = ignored  # Admission names them in x-sluice-ignored-fields
-    return body
 
 
 def router_of(request: Request) -> Router:
@@ -719,34 +657,21 @@ async def metrics(request: Request) -> Response:
 
 
 def openapi_schema() -> dict:
-    def body(model: type[BaseModel]) -> dict:
-        return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
-
-    sse = {"200": {"description": "server-sent events", "content": {"text/event-stream": {}}}}
+    """The OpenAPI document, built from ENDPOINTS (so it cannot miss a route)."""
     errors = {"422": {"description": "validation error"}, "429": {"description": "overloaded"}}
-    post = lambda summary, model, responses: {  # noqa: E731
-        "post": {"summary": summary, "requestBody": body(model), "responses": {**responses, **errors}}}
-    ok = {"200": {"description": "OK", "content": {"application/json": {}}}}
-    get = lambda summary: {"get": {"summary": summary, "responses": ok}}  # noqa: E731
+    paths = {}
+    for e in ENDPOINTS:
+        op: dict = {"summary": e.summary, "responses": dict(RESPONSES[e.kind])}
+        if e.body is not None:
+            op["requestBody"] = {"required": True,
+                                 "content": {"application/json": {"schema": e.body.model_json_schema()}}}
+            op["responses"].update(errors)
+        paths[e.path] = {e.method.lower(): op}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": sluice.__version__,
                  "description": "TGI- and OpenAI-compatible text generation"},
-        "paths": {
-            "/": post("TGI generate; streams when `stream` is true", schemas.GenerateRequest, ok),
-            "/generate": post("TGI generate", schemas.GenerateRequest, ok),
-            "/generate_stream": post("TGI generate, streamed", schemas.GenerateRequest, sse),
-            "/v1/chat/completions": post("OpenAI chat completions", schemas.ChatCompletionRequest, {**ok, **sse}),
-            "/v1/completions": post("OpenAI completions", schemas.CompletionRequest, {**ok, **sse}),
-            "/tokenize": post("TGI tokenize", schemas.TokenizeRequest, ok),
-            "/v1/models": get("the served model"),
-            "/health": get("200 when a shard answers its health check, else 503"),
-            "/info": get("model and limits"),
-            "/metrics": get("Prometheus metrics"),
-            "/openapi.json": get("this document"),
-            "/docs": {"get": {"summary": "a page pointing at this document",
-                              "responses": {"200": {"description": "OK", "content": {"text/html": {}}}}}},
-        },
+        "paths": paths,
     }
 
 
@@ -759,14 +684,55 @@ async def docs(request: Request) -> Response:
                         '<a href="/openapi.json">/openapi.json</a>.</p>')
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """One route: the single table that Starlette's routes, Admission's route sets and the OpenAPI document
+    all read."""
+
+    path: str
+    method: str
+    handler: Callable[[Request], Awaitable[Response]]
+    summary: str
+    body: type[BaseModel] | None = None
+    kind: str = "json"  # the OpenAPI responses: json, sse, both (json or sse), html
+    generation: bool = False  # counted against max_concurrent_requests by Admission
+
+
+_OK = {"200": {"description": "OK", "content": {"application/json": {}}}}
+_SSE = {"200": {"description": "server-sent events", "content": {"text/event-stream": {}}}}
+RESPONSES = {"json": _OK, "sse": _SSE, "both": {**_OK, **_SSE},
+             "html": {"200": {"description": "OK", "content": {"text/html": {}}}}}
+
+ENDPOINTS: list[Endpoint] = [
+    Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
+             generation=True),
+    Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True),
+    Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
+             "sse", generation=True),
+    Endpoint("/v1/chat/completions", "POST", chat_completions, "OpenAI chat completions",
+             schemas.ChatCompletionRequest, "both", generation=True),
+    Endpoint("/v1/completions", "POST", completions, "OpenAI completions", schemas.CompletionRequest, "both",
+             generation=True),
+    Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest),
+    Endpoint("/v1/models", "GET", models, "the served model"),
+    Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503"),
+    Endpoint("/info", "GET", info, "model and limits"),
+    Endpoint("/metrics", "GET", metrics, "Prometheus metrics"),
+    Endpoint("/openapi.json", "GET", openapi, "this document"),
+    Endpoint("/docs", "GET", docs, "a page pointing at this document", kind="html"),
+]
+GENERATION_ROUTES = {e.path for e in ENDPOINTS if e.generation}
+
+
 async def on_api_error(request: Request, exc: ApiError) -> Response:
     # After a 413 the rest of the body is unread: close rather than read it to reach the next request.
     return error_response(exc.status, exc.message, exc.error_type, {"Connection": "close"} if exc.status == 413 else None)
 
 
-def create_app(settings: RouterSettings) -> Starlette:
+def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starlette:
+    """The app. With `pool` (the test seam), it serves through that pool instead of connecting its own."""
     metrics_ = Metrics()
-    router = Router(settings, metrics_)
+    router = Router(settings, metrics_, pool)
     load = Load()
 
     @contextlib.asynccontextmanager
@@ -775,22 +741,10 @@ def create_app(settings: RouterSettings) -> Starlette:
         try:
             yield
         finally:
-            await router.pool.close()
+            if router.owns_pool and router.pool is not None:
+                await router.pool.close()
 
-    routes = [
-        Route("/", tgi_compat, methods=["POST"]),
-        Route("/generate", tgi_generate, methods=["POST"]),
-        Route("/generate_stream", tgi_generate_stream, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/info", info, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/docs", docs, methods=["GET"]),
-    ]
+    routes = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
     app.state.router = router
     app.state.load = load
@@ -800,66 +754,6 @@ def create_app(settings: RouterSettings) -> Starlette:
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind before the (slow) start-up so a taken port fails at once, with a message that says so."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"sluice router: cannot listen on {host}:{port}: {exc.strerror} "
-                         f"(is another server using port {port}? pass --port)") from None
-    sock.set_inheritable(True)
-    return sock
+from .server import serve  # noqa: E402  (sluice.cli imports it from here)
 
-
-def serve(settings: RouterSettings) -> None:
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn, but SIGTERM drains first: the router keeps listening and answers 503 (so a load
-        balancer's probes see it) while admitted requests finish, for up to `shutdown_timeout_s`; then
-        uvicorn's own shutdown runs. SIGINT, or a second SIGTERM, still stops at once."""
-
-        drain_deadline: float | None = None
-        abort_deadline: float | None = None
-
-        def handle_exit(self, sig, frame) -> None:
-            if sig == signal.SIGTERM and self.drain_deadline is None:
-                # Not passed on to uvicorn, which would re-raise the signal after shutting down and so
-                # turn a clean drain into death by SIGTERM (exit status -15 instead of 0).
-                self.drain_deadline = time.monotonic() + settings.shutdown_timeout_s
-                load.draining = True
-                log.info("SIGTERM: draining %d request(s) in flight, for up to %.0f s",
-                         load.in_flight, settings.shutdown_timeout_s)
-                return
-            super().handle_exit(sig, frame)
-
-        async def on_tick(self, counter: int) -> bool:
-            if self.drain_deadline is not None and not self.should_exit:
-                now = time.monotonic()
-                if load.in_flight and now >= self.drain_deadline and self.abort_deadline is None:
-                    # Streams still going get a last error event (non-streamed requests a 500) rather than
-                    # a connection that just drops; a moment later uvicorn closes whatever is left.
-                    log.warning("shutdown timeout: stopping %d request(s) still in flight", load.in_flight)
-                    app.state.router.pool.abort_all(
-                        f"the server is shutting down: generation stopped after the {settings.shutdown_timeout_s:g} s "
-                        "shutdown timeout")
-                    self.abort_deadline = now + 2.0
-                if load.in_flight == 0 or (self.abort_deadline is not None and now >= self.abort_deadline):
-                    self.should_exit = True
-            return await super().on_tick(counter)
-
-    sock = _bind(settings.hostname, settings.port)
-    app = create_app(settings)
-    load: Load = app.state.load
-    # log_config=None: uvicorn's loggers go through ours (the request id in every line, the access log too).
-    config = uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30)
-    server = DrainingServer(config)
-    log.info("router listening on http://%s:%d", settings.hostname, settings.port)
-    server.run(sockets=[sock])
-    if not server.started:
-        raise SystemExit("sluice router: start-up failed (see the log above)")
+__all__ = ["create_app", "serve"]

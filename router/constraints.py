@@ -14,7 +14,7 @@ import uuid
 
 from llguidance import LLMatcher
 
-from .asgi import ApiError
+from .errors import ApiError
 
 NO_TOOL = "no_tool"
 # Compact JSON: a small model wanders in flexible whitespace, and every space costs a step.

@@ -1,112 +1,21 @@
-"""ASGI plumbing: error bodies, admission control, and responses that stop working when the client leaves.
-
-Starlette's StreamingResponse only notices a disconnect when it next sends (on ASGI spec 2.4 servers),
-so a stream waiting on a slow token would hold its shard sequence until then. The responses here wait
-for `http.disconnect` alongside the work and cancel the work the moment it arrives, which cancels the
-gRPC call and frees the sequence in the engine.
-"""
+"""Admission control in front of every route: API key, draining, the concurrency limit (429), request ids."""
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sluice.logs import METADATA_KEY, REQUEST_ID
 
+from .errors import error_response
 from .metrics import Metrics
 
 log = logging.getLogger("sluice.router")
-
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),  # nginx and friends must not buffer the stream
-]
-
-
-class ApiError(Exception):
-    """Raised by a handler before any byte is sent; rendered as TGI's error body."""
-
-    def __init__(self, status: int, message: str, error_type: str = "validation") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type
-
-
-def error_response(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
-    # TGI's shape on every route: huggingface_hub and the JS client map `error_type` to their exceptions,
-    # and the OpenAI SDK reads a string `error` as the message.
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
-
-
-def sse_event(payload: dict | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    # The request body was already read by the handler, so the next message is the disconnect.
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool, object]:
-    """Run `work` until it finishes or the client disconnects, whichever comes first.
-    Returns (finished, result); on disconnect the work is cancelled."""
-    job = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_for_disconnect(receive))
-    try:
-        await asyncio.wait((job, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (job, watch):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(job, watch, return_exceptions=True)
-    if job.cancelled():
-        return False, None
-    return True, job.result()  # re-raises the work's own exception
-
-
-class EventStream:
-    """A server-sent-events response: one `data: <json>` line and a blank line per event."""
-
-    def __init__(self, events: AsyncIterator[dict | str]) -> None:
-        self.events = events
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def pump() -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            async for event in self.events:
-                await send({"type": "http.response.body", "body": sse_event(event), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        try:
-            await _unless_disconnected(receive, pump())
-        finally:
-            await self.events.aclose()
-
-
-class Deferred:
-    """A non-streamed response whose body takes long to compute (a whole generation): the computation
-    is cancelled if the client disconnects while waiting for it."""
-
-    def __init__(self, compute: Callable[[], Awaitable[Response]]) -> None:
-        self.compute = compute
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        finished, response = await _unless_disconnected(receive, self.compute())
-        if finished:
-            await response(scope, receive, send)
 
 
 # A client's own id is kept when it is short and plain (it goes into logs and headers verbatim).
