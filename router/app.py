@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -24,8 +22,6 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import sluice
-from sluice import modelfiles
-from sluice.pb import shard_pb2
 
 from . import constraints, schemas
 from .body import parse
@@ -35,194 +31,12 @@ from .sse import Deferred, EventStream
 from .config import RouterSettings
 from .metrics import Metrics
 from .shards import ShardError, ShardPool
-from .textgen import Generation, IncompleteGeneration, Piece, TextGenerator
+from .jobs import Job, check_candidates, completion_prompt, openai_job, tgi_job
+from .state import Router, router_of
+from .textgen import Generation, IncompleteGeneration, Piece
 
 log = logging.getLogger("sluice.router")
 
-TGI_DEFAULT_MAX_NEW_TOKENS = 100
-
-
-@dataclass
-class Job:
-    """One validated request, ready for the shard."""
-
-    request: shard_pb2.GenerateRequest
-    stops: list[str]
-    prompt_text: str
-    sampled: bool
-    tools: bool = False  # the output is a tool call under constraints.tools_grammar
-
-    def copies(self, n: int) -> list["Job"]:
-        """n independent requests for n choices (or best_of candidates): seeds seed, seed+1, ... when the
-        request has one (so the whole answer is reproducible), else each its own random seed."""
-        out = [self]
-        for i in range(1, n):
-            request = shard_pb2.GenerateRequest()
-            request.CopyFrom(self.request)
-            request.request_id = f"{self.request.request_id}-{i}"
-            if self.request.params.HasField("seed"):
-                request.params.seed = (self.request.params.seed + i) % 2**64
-            out.append(Job(request, self.stops, self.prompt_text, self.sampled, self.tools))
-        return out
-
-
-class Router:
-    """What every handler needs; built in the app's lifespan."""
-
-    def __init__(self, settings: RouterSettings, metrics: Metrics, pool: ShardPool | None = None) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.source = modelfiles.resolve(settings.model_id)
-        self.tokenizer = None
-        self.pool: ShardPool | None = pool
-        # A pool handed in (tests: an in-process shard or a fake) is the caller's to connect and close.
-        self.owns_pool = pool is None
-        self.textgen: TextGenerator | None = None
-
-    async def start(self) -> None:
-        # Converting the GGUF tokenizer takes seconds: do it while the shards load their weights.
-        tokenizer_task = asyncio.create_task(asyncio.to_thread(modelfiles.load_tokenizer, self.source))
-        if self.owns_pool:
-            self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
-            try:
-                await self.pool.connect(self.settings.shard_connect_timeout_s)
-            except BaseException:
-                tokenizer_task.cancel()
-                await self.pool.close()
-                raise
-        self.tokenizer = await tokenizer_task
-        self.textgen = TextGenerator(self.tokenizer, self.pool, self.metrics)
-        s, info = self.settings, self.pool.info
-        if info.max_position_embeddings and s.max_total_tokens > info.max_position_embeddings:
-            log.warning("max_total_tokens %d is beyond the model's context; using %d",
-                        s.max_total_tokens, info.max_position_embeddings)
-            s.max_total_tokens = info.max_position_embeddings
-        s.max_input_tokens = min(s.max_input_tokens, s.max_total_tokens - 1)
-
-    @property
-    def model_id(self) -> str:
-        return self.pool.info.model_id or self.source.model_id
-
-    # ---- from a request body to a shard request ----
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-
-    def chat_prompt(self, messages: list[schemas.Message], tools: list[dict] | None = None,
-                    tool_system: str | None = None) -> str:
-        """The tokenizer's own template; "developer" is OpenAI's newer name for "system". Tools go to a
-        template that knows them; otherwise `tool_system` (the functions and the call format) is put
-        in front of the first system message, or as one."""
-        plain = []
-        for m in messages:
-            content = m.text()
-            if m.tool_calls and not content:  # an earlier call, written as the model was told to write it
-                content = json.dumps([{"name": c.function.name, "arguments": c.function.arguments}
-                                      for c in m.tool_calls])
-            plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        template = self.tokenizer.chat_template or ""
-        extra = {}
-        if tools and "tools" in template:
-            extra["tools"] = tools
-        elif tool_system:
-            if plain[0]["role"] == "system":
-                plain[0] = {"role": "system", "content": tool_system + "\n\n" + plain[0]["content"]}
-            else:
-                plain.insert(0, {"role": "system", "content": tool_system})
-        try:
-            return self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False, **extra)
-        except Exception as exc:  # the template's own raise_exception(), e.g. roles out of order
-            raise ApiError(422, f"messages: the chat template rejected them: {exc}") from exc
-
-    def budget(self, prompt_len: int, max_new_tokens: int | None, default: int | None) -> int:
-        """Check the prompt against the token limits; returns max_new_tokens (the default when unset,
-        None as default meaning "all the room that is left")."""
-        s = self.settings
-        if prompt_len == 0:
-            raise ApiError(422, "the prompt is empty: send some text to continue")
-        if prompt_len > s.max_input_tokens:
-            raise ApiError(422, f"the prompt has {prompt_len} tokens, more than max_input_tokens ({s.max_input_tokens})")
-        room = s.max_total_tokens - prompt_len
-        if max_new_tokens is None:
-            max_new_tokens = room if default is None else min(default, room)
-        if prompt_len + max_new_tokens > s.max_total_tokens:
-            raise ApiError(422, f"prompt tokens ({prompt_len}) + max new tokens ({max_new_tokens}) must be at most "
-                                f"max_total_tokens ({s.max_total_tokens})")
-        return max_new_tokens
-
-    def job(self, ids: list[int], prompt_text: str, max_new_tokens: int, stops: list[str] | None,
-            sampled: bool, temperature: float | None, top_n: int = 0, grammar: str = "",
-            prompt_logprobs: bool = False, **params) -> Job:
-        stops = [s for s in stops or [] if s]
-        if len(stops) > self.settings.max_stop_sequences:
-            raise ApiError(422, f"stop: at most {self.settings.max_stop_sequences} stop sequences, got {len(stops)}")
-        if top_n > self.settings.max_top_n_tokens:
-            raise ApiError(422, f"at most {self.settings.max_top_n_tokens} top tokens per step, asked for {top_n}")
-        neutral = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "typical_p": 1.0}
-        given = {k: v for k, v in params.items() if v is not None}
-        sampling = shard_pb2.SamplingParams(
-            do_sample=sampled, temperature=temperature if sampled and temperature else 1.0, **{**neutral, **given}
-        )
-        eos = self.tokenizer.eos_token_id
-        request = shard_pb2.GenerateRequest(
-            request_id=uuid.uuid4().hex, input_ids=ids, params=sampling, max_new_tokens=max_new_tokens,
-            # The tokenizer's eos can be the chat turn end that the model's own eos list lacks.
-            stop_token_ids=[eos] if eos is not None else [], top_n_tokens=top_n, grammar=grammar,
-            prompt_logprobs=prompt_logprobs,
-        )
-        return Job(request, stops, prompt_text, sampled)
-
-    def tgi_job(self, body: schemas.GenerateRequest) -> Job:
-        p = body.parameters or schemas.Parameters()
-        if not body.inputs:
-            raise ApiError(422, "inputs: must not be empty")
-        ids = self.encode(body.inputs)
-        if p.truncate:
-            ids = ids[-p.truncate :]
-        max_new = self.budget(len(ids), p.max_new_tokens, TGI_DEFAULT_MAX_NEW_TOKENS)
-        # TGI samples when asked to, or when any sampling knob is moved off its neutral value.
-        sampled = p.temperature != 0 and bool(
-            p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p not in (None, 1.0)
-            or p.typical_p not in (None, 1.0)
-        )
-        best_of = p.best_of or 1
-        if best_of > 1:
-            if best_of > self.settings.max_best_of:
-                raise ApiError(422, f"best_of: at most {self.settings.max_best_of}, got {best_of}")
-            if body.stream:
-                raise ApiError(422, "best_of > 1 cannot be streamed")
-            if not sampled:
-                raise ApiError(422, "best_of > 1 needs sampling (do_sample or a temperature/top_k/top_p): "
-                                    "greedy candidates would all be the same")
-        if body.stream and p.decoder_input_details:
-            raise ApiError(422, "decoder_input_details: not available when streaming")
-        grammar = constraints.tgi_grammar(p.grammar.model_dump()) if p.grammar else ""
-        return self.job(ids, body.inputs, max_new, p.stop, sampled, p.temperature, p.top_n_tokens or 0,
-                        grammar=grammar, prompt_logprobs=bool(p.decoder_input_details),
-                        top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
-                        frequency_penalty=p.frequency_penalty, typical_p=p.typical_p if sampled else None)
-
-    def openai_job(self, body: schemas.ChatCompletionRequest | schemas.CompletionRequest, ids: list[int],
-                   prompt_text: str, max_tokens: int | None, top_n: int, grammar: str = "",
-                   prompt_logprobs: bool = False) -> Job:
-        max_new = self.budget(len(ids), max_tokens, None)
-        temperature = 1.0 if body.temperature is None else body.temperature
-        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-        vocab = self.pool.info.vocab_size or len(self.tokenizer)
-        if any(k >= vocab for k in bias):
-            raise ApiError(422, f"logit_bias: token ids must be in [0, {vocab})")
-        return self.job(ids, prompt_text, max_new, body.stop_list(), temperature > 0, temperature, top_n,
-                        grammar=grammar, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
-                        top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                        seed=body.seed, frequency_penalty=body.frequency_penalty,
-                        presence_penalty=body.presence_penalty)
-
-
-# ---- request parsing ----
-
-
-def router_of(request: Request) -> Router:
-    return request.app.state.router
 
 
 async def collect(router: Router, job: Job, hold_back: bool) -> Generation:
@@ -326,7 +140,7 @@ async def tgi_generate(request: Request) -> Response:
 
 
 def tgi_answer(router: Router, body: schemas.GenerateRequest, as_list: bool) -> Response:
-    job = router.tgi_job(body)
+    job = tgi_job(router, body)
     p = body.parameters or schemas.Parameters()
     prefix = body.inputs if p.return_full_text else ""
 
@@ -352,7 +166,7 @@ async def tgi_generate_stream(request: Request) -> Response:
     router = router_of(request)
     body = await parse(request, schemas.GenerateRequest)
     body.stream = True  # best_of and decoder_input_details are checked as for a stream
-    return tgi_stream(router, body, router.tgi_job(body))
+    return tgi_stream(router, body, tgi_job(router, body))
 
 
 def tgi_stream(router: Router, body: schemas.GenerateRequest, job: Job) -> EventStream:
@@ -381,7 +195,7 @@ async def tgi_compat(request: Request) -> Response:
     body = await parse(request, schemas.GenerateRequest)
     router = router_of(request)
     if body.stream:
-        return tgi_stream(router, body, router.tgi_job(body))
+        return tgi_stream(router, body, tgi_job(router, body))
     return tgi_answer(router, body, as_list=True)
 
 
@@ -433,7 +247,7 @@ async def chat_completions(request: Request) -> Response:
     if body.top_logprobs and not body.logprobs:
         raise ApiError(422, "top_logprobs: needs logprobs to be true")
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    job = router.openai_job(body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n, grammar)
+    job = openai_job(router, body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n, grammar)
     job.tools = bool(functions)
     jobs = job.copies(body.n or 1)
     base = {"id": f"chatcmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
@@ -493,21 +307,6 @@ async def chat_completions(request: Request) -> Response:
     return EventStream(guarded(events(), done="[DONE]"))
 
 
-def completion_prompt(router: Router, prompt: str | list) -> tuple[list[int], str]:
-    if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
-        if len(prompt) > 1:
-            raise ApiError(422, "prompt: a list of several prompts is not supported, send one per request")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError(422, "prompt: must not be empty")
-        return router.encode(prompt), prompt
-    vocab = router.pool.info.vocab_size or len(router.tokenizer)
-    if any(i < 0 or i >= vocab for i in prompt):
-        raise ApiError(422, f"prompt: token ids must be in [0, {vocab})")
-    return list(prompt), router.tokenizer.decode(prompt)
-
-
 def _completion_logprobs(tokens: list[dict], tops: list[list[dict]] | None, offset: int) -> dict:
     """OpenAI's legacy shape: parallel lists, `text_offset` counting characters from the start of the
     returned text's context (the prompt's end, or its start when echoed)."""
@@ -526,14 +325,13 @@ async def completions(request: Request) -> Response:
     body = await parse(request, schemas.CompletionRequest)
     ids, prompt = completion_prompt(router, body.prompt)
     n, best_of = body.n or 1, body.best_of or body.n or 1
-    if best_of < n:
-        raise ApiError(422, f"best_of ({best_of}) must be at least n ({n})")
-    if best_of > n and (body.stream or best_of > router.settings.max_best_of):
-        raise ApiError(422, f"best_of: at most {router.settings.max_best_of}, and not with stream")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    check_candidates(n, best_of, bool(body.stream), temperature > 0, router.settings.max_best_of,
+                     greedy_candidates_ok=True)
     if body.echo and body.logprobs:
         raise ApiError(422, "logprobs: with echo only 0 is supported (prompt tokens come without alternatives)")
     echo_logprobs = bool(body.echo and body.logprobs is not None)
-    job = router.openai_job(body, ids, prompt, body.max_tokens, body.logprobs or 0, prompt_logprobs=echo_logprobs)
+    job = openai_job(router, body, ids, prompt, body.max_tokens, body.logprobs or 0, prompt_logprobs=echo_logprobs)
     jobs = job.copies(best_of)
     echo = prompt if body.echo else ""
     base = {"id": f"cmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
