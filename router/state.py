@@ -13,8 +13,8 @@ from . import schemas
 from .config import RouterSettings
 from .errors import ApiError
 from .metrics import Metrics
-from .shards import ShardPool
-from .textgen import TextGenerator
+from .pool import ShardPool
+from .generation import TextGenerator
 
 log = logging.getLogger("sluice.router")
 

@@ -1,18 +1,33 @@
 """From token ids to text: incremental detokenization, stop sequences, and the per-request token loop.
 
-Routes format what `generate()` yields; everything about turning ids into safe text pieces lives here.
+Routes format what `generate()` yields; everything about turning ids into safe text pieces lives here,
+and so do the helpers that run jobs for a handler (collect, collect_all, interleave, guarded, in_app).
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+from starlette.responses import Response
 
 from sluice.pb import shard_pb2
 
+from .errors import ApiError, error_response
 from .metrics import Metrics
-from .shards import ShardPool
+from .pool import ShardError, ShardPool
+from .sse import Deferred
+
+if TYPE_CHECKING:  # state and jobs import this module
+    from .jobs import Job
+    from .state import Router
+
+log = logging.getLogger("sluice.router")
 
 # Decoding starts from a few prompt tokens so the first generated word keeps its leading space
 # (SentencePiece drops it when a "▁word" piece is decoded alone).
@@ -223,3 +238,86 @@ class TextGenerator:
 
 class IncompleteGeneration(RuntimeError):
     pass
+
+
+# ---- running jobs for the handlers ----
+
+
+async def collect(router: Router, job: Job, hold_back: bool) -> Generation:
+    """Run a whole generation for a non-streamed answer."""
+    gen = Generation(prompt_tokens=len(job.request.input_ids))
+    try:
+        async for _ in router.textgen.generate(job.request, job.stops, hold_back, gen):
+            pass
+    except ShardError as exc:
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ApiError(422, str(exc)) from exc
+        log.warning("generation failed: %s", exc)
+        raise ApiError(500, str(exc), "generation") from exc
+    except IncompleteGeneration as exc:
+        log.warning("generation failed: %s", exc)
+        raise ApiError(500, str(exc), "incomplete_generation") from exc
+    return gen
+
+
+async def guarded(events: AsyncIterator[dict | str], done: str | None = None) -> AsyncIterator[dict | str]:
+    """Turn a failure mid-stream into a final error event: the status line (200) is long gone."""
+    try:
+        async for event in events:
+            yield event
+    except (ShardError, IncompleteGeneration) as exc:
+        kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
+        log.warning("stream failed: %s", exc)
+        yield {"error": str(exc), "error_type": kind}
+        if done:
+            yield done
+    except Exception as exc:
+        log.exception("stream failed")
+        yield {"error": f"internal error: {exc}", "error_type": "generation"}
+    finally:
+        await events.aclose()
+
+
+def in_app(compute) -> Deferred:
+    async def run() -> Response:
+        try:
+            return await compute()
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.error_type)
+
+    return Deferred(run)
+
+
+async def collect_all(router: Router, jobs: list[Job], hold_back: bool) -> list[Generation]:
+    """Several generations at once (n choices, best_of candidates): they share the shard's batch."""
+    return list(await asyncio.gather(*(collect(router, job, hold_back) for job in jobs)))
+
+
+async def interleave(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(index, piece) from several generations as each arrives; leaving early cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                queue.put_nowait((i, piece))
+            queue.put_nowait((i, done))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
