@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import grpc
@@ -115,6 +116,15 @@ class StopMatcher:
         return out
 
 
+class FinishReason(Enum):
+    """The router's one vocabulary for why a generation ended; each dialect maps it once, at its edge
+    (tgi.TGI_FINISH, openai.OPENAI_FINISH)."""
+
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"  # the router's own: a stop string matched in the text
+
+
 @dataclass
 class Piece:
     """One generated token as a route sees it. `text` is what may be shown now (it can be empty while
@@ -123,7 +133,7 @@ class Piece:
 
     token: dict | None
     text: str
-    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence" on the last piece
+    finish_reason: FinishReason | None = None  # on the last piece only
     top_tokens: list[dict] | None = None
 
 
@@ -136,7 +146,7 @@ class Generation:
     text: str = ""
     tokens: list[dict] = field(default_factory=list)
     top_tokens: list[list[dict]] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prefill: list[dict] = field(default_factory=list)  # prompt tokens with logprobs, when asked for
 
     @property
@@ -144,7 +154,7 @@ class Generation:
         return sum(t["logprob"] for t in self.tokens)
 
 
-_FINISH = {shard_pb2.FINISH_REASON_LENGTH: "length", shard_pb2.FINISH_REASON_EOS: "eos_token"}
+_FINISH = {shard_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH, shard_pb2.FINISH_REASON_EOS: FinishReason.EOS}
 
 
 class TextGenerator:
@@ -153,7 +163,6 @@ class TextGenerator:
         self.pool = pool
         self.metrics = metrics
         self.special_ids = set(tokenizer.all_special_ids)
-        self.eos_ids = set(pool.info.eos_token_ids)
 
     def token_dict(self, token_id: int, logprob: float, text: str) -> dict:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
@@ -163,13 +172,6 @@ class TextGenerator:
             self.token_dict(t.id, t.logprob, self.tokenizer.decode([t.id], skip_special_tokens=False))
             for t in token.top_tokens
         ]
-
-    def _finish(self, request: shard_pb2.GenerateRequest, token_id: int, count: int) -> str | None:
-        """Whether this token ends the request. The shard says so too, but possibly in a later message
-        without tokens; knowing it here lets the last token's event carry the finish, as TGI's does."""
-        if not request.ignore_eos and (token_id in request.stop_token_ids or token_id in self.eos_ids):
-            return "eos_token"
-        return "length" if count >= request.max_new_tokens else None
 
     async def generate(
         self, request: shard_pb2.GenerateRequest, stops: list[str], hold_back: bool, gen: Generation
@@ -201,12 +203,12 @@ class TextGenerator:
                         for _ in reply.tokens:
                             m.itl.observe((now - last) / len(reply.tokens))
                     last = now
+                # The shard's last message carries the last token and the finish reason (shard.proto).
                 finish = _FINISH.get(reply.finish_reason)
                 for i, token in enumerate(reply.tokens):
                     text, stopped = matcher.add(decoder.add(token.id))
-                    reason = "stop_sequence" if stopped else self._finish(request, token.id, len(gen.tokens) + 1)
-                    if reason is None and i == len(reply.tokens) - 1:
-                        reason = finish
+                    reason = FinishReason.STOP_SEQUENCE if stopped else \
+                        (finish if i == len(reply.tokens) - 1 else None)
                     is_last = reason is not None
                     if is_last and not stopped:
                         text += matcher.add(decoder.flush())[0] + matcher.finish()

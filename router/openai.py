@@ -13,7 +13,7 @@ import sluice
 from . import constraints, schemas
 from .body import parse
 from .errors import ApiError
-from .generation import Generation, Piece, collect_all, guarded, in_app, interleave
+from .generation import FinishReason, Generation, Piece, collect_all, guarded, in_app, interleave
 from .jobs import check_candidates, completion_prompt, openai_job
 from .sse import EventStream
 from .state import router_of
@@ -25,10 +25,14 @@ def _usage(prompt_tokens: int, gens: list[Generation]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def _openai_finish(reason: str | None, tool_calls: bool = False) -> str | None:
-    if tool_calls and reason in ("eos_token", "stop_sequence"):
+# The router's finish reasons in OpenAI's words ("tool_calls" instead of "stop" when the answer is one).
+OPENAI_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop"}
+
+
+def _openai_finish(reason: FinishReason | None, tool_calls: bool = False) -> str | None:
+    if tool_calls and reason in (FinishReason.EOS, FinishReason.STOP_SEQUENCE):
         return "tool_calls"
-    return {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}.get(reason) if reason else None
+    return OPENAI_FINISH.get(reason) if reason else None
 
 
 def _chat_logprobs(pieces: list[tuple[dict, list[dict] | None]]) -> dict:

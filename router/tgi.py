@@ -8,14 +8,18 @@ from starlette.responses import JSONResponse, Response
 
 from . import schemas
 from .body import parse
-from .generation import Generation, collect_all, guarded, in_app
+from .generation import FinishReason, Generation, collect_all, guarded, in_app
 from .jobs import Job, tgi_job
 from .sse import EventStream
 from .state import Router, router_of
 
 
+# The router's finish reasons in TGI's words.
+TGI_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "eos_token", FinishReason.STOP_SEQUENCE: "stop_sequence"}
+
+
 def tgi_details(gen: Generation, job: Job, streamed: bool) -> dict:
-    details = {"finish_reason": gen.finish_reason, "generated_tokens": len(gen.tokens),
+    details = {"finish_reason": TGI_FINISH.get(gen.finish_reason), "generated_tokens": len(gen.tokens),
                "seed": gen.seed if job.sampled else None}
     if streamed:
         details["input_length"] = gen.prompt_tokens
