@@ -12,7 +12,7 @@ import sys
 import httpx
 from servers import ROOT, free_port, wait_healthy
 
-from router.shards import resolve
+from router.pool import resolve
 from sluice.process import stop
 
 

@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from router.shards import ShardError, ShardPool
+from router.pool import ShardError, ShardPool
 from sluice.pb import shard_pb2
 
 REQUEST = shard_pb2.GenerateRequest(input_ids=[1, 2, 3, 4], max_new_tokens=3, ignore_eos=True)

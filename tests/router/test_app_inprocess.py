@@ -55,7 +55,7 @@ async def _with_client(tiny_llama, eos_id: int, body):
 
 
 def test_route_table_feeds_the_openapi_document():
-    from router.app import openapi_schema
+    from router.service import openapi_schema
 
     assert set(openapi_schema()["paths"]) == {e.path for e in ENDPOINTS}
     assert GENERATION_ROUTES == {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"}

@@ -1,7 +1,7 @@
 """Incremental detokenization and stop sequences, without a server."""
 import pytest
 
-from router.textgen import IncrementalDecoder, StopMatcher
+from router.generation import IncrementalDecoder, StopMatcher
 from sluice.modelfiles import load_tokenizer, resolve
 
 

@@ -1,18 +1,34 @@
 """From token ids to text: incremental detokenization, stop sequences, and the per-request token loop.
 
-Routes format what `generate()` yields; everything about turning ids into safe text pieces lives here.
+Routes format what `generate()` yields; everything about turning ids into safe text pieces lives here,
+and so do the helpers that run jobs for a handler (collect, collect_all, interleave, guarded, in_app).
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import grpc
+from starlette.responses import Response
 
 from sluice.pb import shard_pb2
 
+from .errors import ApiError, error_response
 from .metrics import Metrics
-from .shards import ShardPool
+from .pool import ShardError, ShardPool
+from .sse import Deferred
+
+if TYPE_CHECKING:  # state and jobs import this module
+    from .jobs import Job
+    from .state import Router
+
+log = logging.getLogger("sluice.router")
 
 # Decoding starts from a few prompt tokens so the first generated word keeps its leading space
 # (SentencePiece drops it when a "▁word" piece is decoded alone).
@@ -100,6 +116,15 @@ class StopMatcher:
         return out
 
 
+class FinishReason(Enum):
+    """The router's one vocabulary for why a generation ended; each dialect maps it once, at its edge
+    (tgi.TGI_FINISH, openai.OPENAI_FINISH)."""
+
+    LENGTH = "length"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"  # the router's own: a stop string matched in the text
+
+
 @dataclass
 class Piece:
     """One generated token as a route sees it. `text` is what may be shown now (it can be empty while
@@ -108,7 +133,7 @@ class Piece:
 
     token: dict | None
     text: str
-    finish_reason: str | None = None  # "length" | "eos_token" | "stop_sequence" on the last piece
+    finish_reason: FinishReason | None = None  # on the last piece only
     top_tokens: list[dict] | None = None
 
 
@@ -121,7 +146,7 @@ class Generation:
     text: str = ""
     tokens: list[dict] = field(default_factory=list)
     top_tokens: list[list[dict]] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prefill: list[dict] = field(default_factory=list)  # prompt tokens with logprobs, when asked for
 
     @property
@@ -129,7 +154,7 @@ class Generation:
         return sum(t["logprob"] for t in self.tokens)
 
 
-_FINISH = {shard_pb2.FINISH_REASON_LENGTH: "length", shard_pb2.FINISH_REASON_EOS: "eos_token"}
+_FINISH = {shard_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH, shard_pb2.FINISH_REASON_EOS: FinishReason.EOS}
 
 
 class TextGenerator:
@@ -138,7 +163,6 @@ class TextGenerator:
         self.pool = pool
         self.metrics = metrics
         self.special_ids = set(tokenizer.all_special_ids)
-        self.eos_ids = set(pool.info.eos_token_ids)
 
     def token_dict(self, token_id: int, logprob: float, text: str) -> dict:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
@@ -148,13 +172,6 @@ class TextGenerator:
             self.token_dict(t.id, t.logprob, self.tokenizer.decode([t.id], skip_special_tokens=False))
             for t in token.top_tokens
         ]
-
-    def _finish(self, request: shard_pb2.GenerateRequest, token_id: int, count: int) -> str | None:
-        """Whether this token ends the request. The shard says so too, but possibly in a later message
-        without tokens; knowing it here lets the last token's event carry the finish, as TGI's does."""
-        if not request.ignore_eos and (token_id in request.stop_token_ids or token_id in self.eos_ids):
-            return "eos_token"
-        return "length" if count >= request.max_new_tokens else None
 
     async def generate(
         self, request: shard_pb2.GenerateRequest, stops: list[str], hold_back: bool, gen: Generation
@@ -186,12 +203,12 @@ class TextGenerator:
                         for _ in reply.tokens:
                             m.itl.observe((now - last) / len(reply.tokens))
                     last = now
+                # The shard's last message carries the last token and the finish reason (shard.proto).
                 finish = _FINISH.get(reply.finish_reason)
                 for i, token in enumerate(reply.tokens):
                     text, stopped = matcher.add(decoder.add(token.id))
-                    reason = "stop_sequence" if stopped else self._finish(request, token.id, len(gen.tokens) + 1)
-                    if reason is None and i == len(reply.tokens) - 1:
-                        reason = finish
+                    reason = FinishReason.STOP_SEQUENCE if stopped else \
+                        (finish if i == len(reply.tokens) - 1 else None)
                     is_last = reason is not None
                     if is_last and not stopped:
                         text += matcher.add(decoder.flush())[0] + matcher.finish()
@@ -223,3 +240,86 @@ class TextGenerator:
 
 class IncompleteGeneration(RuntimeError):
     pass
+
+
+# ---- running jobs for the handlers ----
+
+
+async def collect(router: Router, job: Job, hold_back: bool) -> Generation:
+    """Run a whole generation for a non-streamed answer."""
+    gen = Generation(prompt_tokens=len(job.request.input_ids))
+    try:
+        async for _ in router.textgen.generate(job.request, job.stops, hold_back, gen):
+            pass
+    except ShardError as exc:
+        if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise ApiError(422, str(exc)) from exc
+        log.warning("generation failed: %s", exc)
+        raise ApiError(500, str(exc), "generation") from exc
+    except IncompleteGeneration as exc:
+        log.warning("generation failed: %s", exc)
+        raise ApiError(500, str(exc), "incomplete_generation") from exc
+    return gen
+
+
+async def guarded(events: AsyncIterator[dict | str], done: str | None = None) -> AsyncIterator[dict | str]:
+    """Turn a failure mid-stream into a final error event: the status line (200) is long gone."""
+    try:
+        async for event in events:
+            yield event
+    except (ShardError, IncompleteGeneration) as exc:
+        kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
+        log.warning("stream failed: %s", exc)
+        yield {"error": str(exc), "error_type": kind}
+        if done:
+            yield done
+    except Exception as exc:
+        log.exception("stream failed")
+        yield {"error": f"internal error: {exc}", "error_type": "generation"}
+    finally:
+        await events.aclose()
+
+
+def in_app(compute) -> Deferred:
+    async def run() -> Response:
+        try:
+            return await compute()
+        except ApiError as exc:
+            return error_response(exc.status, exc.message, exc.error_type)
+
+    return Deferred(run)
+
+
+async def collect_all(router: Router, jobs: list[Job], hold_back: bool) -> list[Generation]:
+    """Several generations at once (n choices, best_of candidates): they share the shard's batch."""
+    return list(await asyncio.gather(*(collect(router, job, hold_back) for job in jobs)))
+
+
+async def interleave(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """(index, piece) from several generations as each arrives; leaving early cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                queue.put_nowait((i, piece))
+            queue.put_nowait((i, done))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
