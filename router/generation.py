@@ -189,7 +189,7 @@ class TextGenerator:
                 now = time.perf_counter()
                 if first:  # prompt length and the seed actually used come with the first message
                     gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
-                    gen.seed = request.params.seed if request.params.HasField("seed") else reply.seed
+                    gen.seed = reply.seed  # the request's seed, or the one the shard picked (proto)
                     gen.prefill = [self.token_dict(t.id, None if math.isnan(t.logprob) else t.logprob,
                                                    self.tokenizer.decode([t.id], skip_special_tokens=False))
                                    for t in reply.prefill]
