@@ -100,19 +100,20 @@ def budget(router: Router, prompt_len: int, max_new_tokens: int | None, default:
 
 def build_job(router: Router, ids: list[int], prompt_text: str, max_new_tokens: int, stops: list[str] | None,
               sampled: bool, temperature: float | None, top_n: int = 0, grammar: str = "",
-              prompt_logprobs: bool = False, **params) -> Job:
+              prompt_logprobs: bool = False, ignore_eos: bool = False, **params) -> Job:
     stops = [s for s in stops or [] if s]
     if len(stops) > router.settings.max_stop_sequences:
         raise ApiError(422, f"stop: at most {router.settings.max_stop_sequences} stop sequences, got {len(stops)}")
     if top_n > router.settings.max_top_n_tokens:
         raise ApiError(422, f"at most {router.settings.max_top_n_tokens} top tokens per step, asked for {top_n}")
     params = sampling(sampled, temperature, **params)
-    eos = router.tokenizer.eos_token_id
+    # The tokenizer's eos can be the chat turn end that the model's own eos list lacks; ignore_eos
+    # ignores both (stop_token_ids would still finish the sequence, per the proto).
+    eos = None if ignore_eos else router.tokenizer.eos_token_id
     request = shard_pb2.GenerateRequest(
         request_id=uuid.uuid4().hex, input_ids=ids, params=params, max_new_tokens=max_new_tokens,
-        # The tokenizer's eos can be the chat turn end that the model's own eos list lacks.
-        stop_token_ids=[eos] if eos is not None else [], top_n_tokens=top_n, grammar=grammar,
-        prompt_logprobs=prompt_logprobs,
+        stop_token_ids=[eos] if eos is not None else [], ignore_eos=ignore_eos, top_n_tokens=top_n,
+        grammar=grammar, prompt_logprobs=prompt_logprobs,
     )
     return Job(request, stops, prompt_text, sampled)
 
@@ -148,7 +149,8 @@ def openai_job(router: Router, body: schemas.ChatCompletionRequest | schemas.Com
     bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
     check_vocab(bias, router.vocab_size(), "logit_bias", below_only=True)
     return build_job(router, ids, prompt_text, max_new, body.stop_list(), temperature > 0, temperature, top_n,
-                     grammar=grammar, prompt_logprobs=prompt_logprobs, logit_bias=bias or None,
+                     grammar=grammar, prompt_logprobs=prompt_logprobs, ignore_eos=bool(body.ignore_eos),
+                     logit_bias=bias or None,
                      top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
                      seed=body.seed, frequency_penalty=body.frequency_penalty,
                      presence_penalty=body.presence_penalty)

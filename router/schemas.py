@@ -180,6 +180,7 @@ class _OpenAISampling(_Request):
     # Not OpenAI, but vLLM and TGI accept them and some clients send them.
     top_k: TopK = None
     repetition_penalty: Penalty = None
+    ignore_eos: bool | None = None  # vLLM's and llama.cpp's: generate max_tokens even past the model's eos
 
     @field_validator("logit_bias")
     @classmethod

@@ -22,12 +22,14 @@ class FakePool:
         self.replicas: list = []
         self.release = asyncio.Event()
         self.started = 0
+        self.requests: list = []
 
     async def health(self) -> list:
         return []
 
     async def generate(self, request):
         self.started += 1
+        self.requests.append(request)
         await self.release.wait()
         yield shard_pb2.GenerateResponse(tokens=[shard_pb2.Token(id=5, logprob=-0.5)], prompt_tokens=3,
                                          finish_reason=shard_pb2.FINISH_REASON_LENGTH)
@@ -83,3 +85,21 @@ async def _overload(client, pool) -> None:
     pool.release.set()
     assert (await held).status_code == 200
     assert (await client.post("/generate", json=BODIES["/generate"])).status_code == 200
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "The river", "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+])
+def test_ignore_eos_on_openai_routes_reaches_the_shard(tiny_llama, tiny_eos, route, body):
+    async def check(client, pool):
+        pool.release.set()
+        plain = await client.post(route, json=body)
+        ignoring = await client.post(route, json={**body, "ignore_eos": True})
+        assert plain.status_code == ignoring.status_code == 200, (plain.text, ignoring.text)
+        assert "x-sluice-ignored-fields" not in ignoring.headers
+        first, second = pool.requests
+        assert not first.ignore_eos and tiny_eos in first.stop_token_ids
+        assert second.ignore_eos and tiny_eos not in second.stop_token_ids
+
+    asyncio.run(_with_client(tiny_llama, tiny_eos, check))
