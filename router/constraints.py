@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from llguidance import LLMatcher
 
@@ -65,34 +67,66 @@ def tgi_grammar(grammar: dict) -> str:
     raise ApiError(422, f"parameters.grammar.type: expected json or regex, got {kind!r}")
 
 
-def response_format_grammar(fmt: dict) -> str | None:
-    kind = fmt.get("type")
+def format_grammar(kind: str | None, spec: dict, field: str, schema_field: str) -> str | None:
+    """An output format: `text` (no grammar), `json_object`, or `json_schema` with `spec["schema"]`. Chat's
+    `response_format` and the Responses API's `text.format` both come here, each naming its own fields."""
     if kind in (None, "text"):
         return None
     if kind == "json_object":
-        return json_schema_grammar({"type": "object"}, "response_format")
+        return json_schema_grammar({"type": "object"}, field)
     if kind == "json_schema":
-        spec = fmt.get("json_schema") or {}
         if "schema" not in spec:
-            raise ApiError(422, "response_format.json_schema.schema: required for type json_schema")
-        return json_schema_grammar(spec["schema"], "response_format.json_schema.schema")
-    raise ApiError(422, f"response_format.type: expected text, json_object or json_schema, got {kind!r}")
+            raise ApiError(422, f"{schema_field}: required for type json_schema")
+        return json_schema_grammar(spec["schema"], schema_field)
+    raise ApiError(422, f"{field}.type: expected text, json_object or json_schema, got {kind!r}")
 
 
-def chosen_tools(tools: list[dict], tool_choice) -> tuple[list[dict], bool]:
-    """(the functions the model may call, whether it may also answer without a call). No functions: no grammar."""
-    functions = [t["function"] for t in tools]
+def chosen_tools(functions: list[dict], tool_choice: str | None, name: str | None = None) -> tuple[list[dict], bool]:
+    """(the functions the model may call, whether it may also answer without a call). `tool_choice` is
+    none, auto (None too), required, or a named function (`name`). No functions: no grammar."""
     if tool_choice in (None, "auto"):
         return functions, True
     if tool_choice == "none":
         return [], True
     if tool_choice == "required":
         return functions, False
-    name = tool_choice["function"]["name"]
     named = [f for f in functions if f["name"] == name]
     if not named:
         raise ApiError(422, f"tool_choice: no tool named {name!r} in tools")
     return named, False
+
+
+@dataclass
+class Structure:
+    """What constrains one OpenAI answer (chat or Responses): a grammar, and the functions it may call."""
+
+    grammar: str = ""
+    functions: list[dict] = field(default_factory=list)
+    allow_text: bool = True  # with functions: the model may answer in text (`no_tool`)
+
+    @property
+    def tools(self) -> bool:
+        """Whether the output is a tool call under tools_grammar (to be read with parse_tool_call)."""
+        return bool(self.functions)
+
+    def system_prompt(self) -> str | None:
+        return tool_system_prompt(self.functions, self.allow_text) if self.functions else None
+
+
+def structure(functions: list[dict] | None, tool_choice: str | None, tool_name: str | None,
+              format_grammar: Callable[[], str | None], format_given: bool, format_field: str) -> Structure:
+    """The one rule set for tools and output formats, both OpenAI dialects: tools and a non-text format
+    exclude each other; a tool_choice other than none/auto needs tools. `format_grammar` compiles the
+    dialect's format (only called when there are no tools to call)."""
+    if functions and format_given:
+        raise ApiError(422, f"{format_field}: cannot be combined with tools")
+    if functions:
+        chosen, allow_text = chosen_tools(functions, tool_choice, tool_name)
+        if chosen:
+            return Structure(tools_grammar(chosen, allow_text), chosen, allow_text)
+    elif tool_choice not in (None, "none", "auto"):
+        raise ApiError(422, "tool_choice: needs tools")
+    return Structure(format_grammar() or "")
 
 
 def tools_grammar(functions: list[dict], allow_text: bool) -> str:

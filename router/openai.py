@@ -1,8 +1,16 @@
-"""OpenAI routes: /v1/chat/completions and /v1/completions."""
+"""OpenAI routes: /v1/chat/completions and /v1/completions, on one envelope and one stream skeleton.
+
+A handler reads its body, builds its jobs (jobs.py) and a dialect object (ChatDialect, CompletionDialect)
+that knows what one choice looks like whole and which chunks one generated piece becomes; `respond` runs
+the jobs and wraps those choices in the shared envelope, usage and `[DONE]`. The Responses API
+(responses.py) reuses `usage`, `openai_finish` and the structure rules (constraints.structure).
+"""
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from functools import partial
+from typing import Protocol
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -14,12 +22,12 @@ from . import constraints, schemas
 from .body import parse
 from .errors import ApiError
 from .generation import FinishReason, Generation, Piece, collect_all, guarded, in_app, interleave
-from .jobs import check_candidates, completion_prompt, openai_job
+from .jobs import Job, check_candidates, completion_prompt, openai_job
 from .sse import EventStream
-from .state import router_of
+from .state import Router, router_of
 
 
-def _usage(prompt_tokens: int, gens: list[Generation]) -> dict:
+def usage(prompt_tokens: int, gens: list[Generation]) -> dict:
     # The prompt is counted once however many choices share it, as OpenAI does.
     completion = sum(len(g.tokens) for g in gens)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
@@ -29,103 +37,153 @@ def _usage(prompt_tokens: int, gens: list[Generation]) -> dict:
 OPENAI_FINISH = {FinishReason.LENGTH: "length", FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop"}
 
 
-def _openai_finish(reason: FinishReason | None, tool_calls: bool = False) -> str | None:
+def openai_finish(reason: FinishReason | None, tool_calls: bool = False) -> str | None:
     if tool_calls and reason in (FinishReason.EOS, FinishReason.STOP_SEQUENCE):
         return "tool_calls"
     return OPENAI_FINISH.get(reason) if reason else None
 
 
+def envelope(prefix: str, job: Job, router: Router) -> dict:
+    """The fields every OpenAI answer and chunk starts with."""
+    return {"id": f"{prefix}-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
+            "system_fingerprint": f"sluice-{sluice.__version__}"}
+
+
+class Dialect(Protocol):
+    """What differs between chat and completions answers; `respond` does the rest."""
+
+    object: str
+    chunk_object: str
+
+    def choices(self, gens: list[Generation]) -> list[dict]: ...
+
+    def opening(self, index: int) -> list[dict]: ...
+
+    def chunks(self, index: int, piece: Piece, gen: Generation) -> list[dict]: ...
+
+
+def respond(router: Router, jobs: list[Job], dialect: Dialect, head: dict, prompt_tokens: int,
+            stream: bool | None, options: schemas.StreamOptions | None) -> Response:
+    """Run the jobs (validated already: nothing here answers 422) as one JSON body or one event stream."""
+    if not stream:
+        return in_app(partial(_answer, router, jobs, dialect, head, prompt_tokens))
+    include_usage = bool(options and options.include_usage)
+    return EventStream(guarded(_chunks(router, jobs, dialect, head, prompt_tokens, include_usage), done="[DONE]"))
+
+
+async def _answer(router: Router, jobs: list[Job], dialect: Dialect, head: dict, prompt_tokens: int) -> Response:
+    gens = await collect_all(router, jobs, hold_back=True)
+    return JSONResponse({**head, "object": dialect.object, "choices": dialect.choices(gens),
+                         "usage": usage(prompt_tokens, gens)})
+
+
+async def _chunks(router: Router, jobs: list[Job], dialect: Dialect, head: dict, prompt_tokens: int,
+                  include_usage: bool) -> AsyncIterator[dict | str]:
+    head = {**head, "object": dialect.chunk_object, **({"usage": None} if include_usage else {})}
+    gens = [Generation(prompt_tokens=prompt_tokens) for _ in jobs]
+    for i in range(len(jobs)):
+        for body in dialect.opening(i):
+            yield {**head, **body}
+    streams = [router.textgen.generate(j.request, j.stops, True, g) for j, g in zip(jobs, gens)]
+    async for i, piece in interleave(streams):
+        for body in dialect.chunks(i, piece, gens[i]):
+            yield {**head, **body}
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage(prompt_tokens, gens)}
+    yield "[DONE]"
+
+
+# ---- chat ----
+
+
 def _chat_logprobs(pieces: list[tuple[dict, list[dict] | None]]) -> dict:
-    def entry(token: dict) -> dict:
-        return {"token": token["text"], "logprob": token["logprob"], "bytes": list(token["text"].encode())}
-
-    return {"content": [{**entry(t), "top_logprobs": [entry(x) for x in top or []]} for t, top in pieces]}
+    return {"content": [{**_logprob_entry(t), "top_logprobs": [_logprob_entry(x) for x in top or []]}
+                        for t, top in pieces]}
 
 
-def _chat_grammar(body: schemas.ChatCompletionRequest) -> tuple[str, list[dict], bool]:
-    """(grammar, the functions offered, whether the answer is a tool call under constraints.tools_grammar)."""
-    if body.tools and body.response_format and body.response_format.type != "text":
-        raise ApiError(422, "response_format: cannot be combined with tools")
-    if body.tools:
-        choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
-        functions, allow_text = constraints.chosen_tools([t.model_dump() for t in body.tools], choice)
-        if functions:
-            return constraints.tools_grammar(functions, allow_text), functions, allow_text
-    elif body.tool_choice not in (None, "none", "auto"):
-        raise ApiError(422, "tool_choice: needs tools")
-    if body.response_format:
-        return constraints.response_format_grammar(body.response_format.model_dump()) or "", [], False
-    return "", [], False
+def _logprob_entry(token: dict) -> dict:
+    return {"token": token["text"], "logprob": token["logprob"], "bytes": list(token["text"].encode())}
+
+
+def chat_structure(body: schemas.ChatCompletionRequest) -> constraints.Structure:
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    fmt = body.response_format
+    return constraints.structure(
+        [t.function.model_dump() for t in body.tools or []], "function" if named else choice, named,
+        partial(_response_format_grammar, fmt), bool(fmt and fmt.type != "text"), "response_format")
+
+
+def _response_format_grammar(fmt: schemas.ResponseFormat | None) -> str | None:
+    if fmt is None:
+        return None
+    return constraints.format_grammar(fmt.type, fmt.json_schema or {}, "response_format",
+                                      "response_format.json_schema.schema")
+
+
+class ChatDialect:
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, logprobs: bool, tools: bool) -> None:
+        self.logprobs = logprobs
+        self.tools = tools
+
+    def message(self, gen: Generation) -> tuple[dict, bool]:
+        """(the assistant message, whether it is a tool call)."""
+        if not self.tools:
+            return {"role": "assistant", "content": gen.text}, False
+        content, calls = constraints.parse_tool_call(gen.text)
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}, bool(calls)
+
+    def choices(self, gens: list[Generation]) -> list[dict]:
+        choices = []
+        for i, gen in enumerate(gens):
+            msg, called = self.message(gen)
+            logprobs = _chat_logprobs(list(zip(gen.tokens, gen.top_tokens or [None] * len(gen.tokens))))
+            choices.append({"index": i, "message": msg, "logprobs": logprobs if self.logprobs else None,
+                            "finish_reason": openai_finish(gen.finish_reason, called)})
+        return choices
+
+    def opening(self, index: int) -> list[dict]:
+        return [self._chunk(index, {"role": "assistant", "content": ""})]
+
+    def chunks(self, index: int, piece: Piece, gen: Generation) -> list[dict]:
+        if self.tools:
+            # A tool call is only known once its JSON is complete: it goes out whole, in one delta
+            # (OpenAI's format; clients accumulate deltas, so one is as good as many).
+            if not piece.finish_reason:
+                return []
+            msg, called = self.message(gen)
+            delta = {"tool_calls": [{"index": 0, **c} for c in msg["tool_calls"]]} if called else \
+                {"content": msg["content"]}
+            return [self._chunk(index, delta, None, openai_finish(piece.finish_reason, called))]
+        if piece.finish_reason:
+            return [self._chunk(index, {"content": piece.text} if piece.text else {}, piece,
+                                openai_finish(piece.finish_reason))]
+        return [self._chunk(index, {"content": piece.text}, piece)] if piece.text else []
+
+    def _chunk(self, index: int, delta: dict, piece: Piece | None = None, finish: str | None = None) -> dict:
+        lp = _chat_logprobs([(piece.token, piece.top_tokens)]) if self.logprobs and piece and piece.token else None
+        return {"choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
 
 async def chat_completions(request: Request) -> Response:
     router = router_of(request)
     body = await parse(request, schemas.ChatCompletionRequest)
-    grammar, functions, allow_text = _chat_grammar(body)
-    tool_system = constraints.tool_system_prompt(functions, allow_text) if functions else None
-    prompt = router.chat_prompt(body.messages, functions or None, tool_system)
+    shape = chat_structure(body)
+    prompt = router.chat_prompt(body.messages, shape.functions or None, shape.system_prompt())
     ids = router.encode(prompt, add_special_tokens=False)  # the template already placed them
     if body.top_logprobs and not body.logprobs:
         raise ApiError(422, "top_logprobs: needs logprobs to be true")
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
-    job = openai_job(router, body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n, grammar)
-    job.tools = bool(functions)
-    jobs = job.copies(body.n or 1)
-    base = {"id": f"chatcmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
-            "system_fingerprint": f"sluice-{sluice.__version__}"}
+    job = openai_job(router, body, ids, prompt, body.max_completion_tokens or body.max_tokens, top_n, shape.grammar)
+    job.tools = shape.tools
+    return respond(router, job.copies(body.n or 1), ChatDialect(bool(body.logprobs), job.tools),
+                   envelope("chatcmpl", job, router), len(ids), body.stream, body.stream_options)
 
-    def message(gen: Generation) -> tuple[dict, bool]:
-        if not job.tools:
-            return {"role": "assistant", "content": gen.text}, False
-        content, calls = constraints.parse_tool_call(gen.text)
-        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}, bool(calls)
 
-    if not body.stream:
-        async def compute() -> Response:
-            gens = await collect_all(router, jobs, hold_back=True)
-            choices = []
-            for i, gen in enumerate(gens):
-                msg, called = message(gen)
-                logprobs = _chat_logprobs(list(zip(gen.tokens, gen.top_tokens or [None] * len(gen.tokens))))
-                choices.append({"index": i, "message": msg, "logprobs": logprobs if body.logprobs else None,
-                                "finish_reason": _openai_finish(gen.finish_reason, called)})
-            return JSONResponse({**base, "object": "chat.completion", "choices": choices,
-                                 "usage": _usage(len(ids), gens)})
-
-        return in_app(compute)
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunk = {**base, "object": "chat.completion.chunk"}
-    if include_usage:
-        chunk["usage"] = None
-
-    def choice(index: int, delta: dict, piece: Piece | None = None, finish: str | None = None) -> dict:
-        lp = _chat_logprobs([(piece.token, piece.top_tokens)]) if body.logprobs and piece and piece.token else None
-        return {**chunk, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
-
-    async def events() -> AsyncIterator[dict | str]:
-        gens = [Generation(prompt_tokens=len(ids)) for _ in jobs]
-        for i in range(len(jobs)):
-            yield choice(i, {"role": "assistant", "content": ""})
-        streams = [router.textgen.generate(j.request, j.stops, True, g) for j, g in zip(jobs, gens)]
-        async for i, piece in interleave(streams):
-            if job.tools:
-                # A tool call is only known once its JSON is complete: it goes out whole, in one delta
-                # (OpenAI's format; clients accumulate deltas, so one is as good as many).
-                if piece.finish_reason:
-                    msg, called = message(gens[i])
-                    delta = {"tool_calls": [{"index": 0, **c} for c in msg["tool_calls"]]} if called else \
-                        {"content": msg["content"]}
-                    yield choice(i, delta, None, _openai_finish(piece.finish_reason, called))
-            elif piece.finish_reason:
-                yield choice(i, {"content": piece.text} if piece.text else {}, piece, _openai_finish(piece.finish_reason))
-            elif piece.text:
-                yield choice(i, {"content": piece.text}, piece)
-        if include_usage:
-            yield {**chunk, "choices": [], "usage": _usage(len(ids), gens)}
-        yield "[DONE]"
-
-    return EventStream(guarded(events(), done="[DONE]"))
+# ---- completions ----
 
 
 def _completion_logprobs(tokens: list[dict], tops: list[list[dict]] | None, offset: int) -> dict:
@@ -141,6 +199,63 @@ def _completion_logprobs(tokens: list[dict], tops: list[list[dict]] | None, offs
             "text_offset": offsets}
 
 
+class CompletionDialect:
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def __init__(self, body: schemas.CompletionRequest, prompt: str, n: int, candidates: int,
+                 empty_token: dict) -> None:
+        self.logprobs = body.logprobs
+        self.echo = prompt if body.echo else ""
+        self.echo_logprobs = bool(body.echo and body.logprobs is not None)
+        self.prompt = prompt
+        self.n = n
+        self.empty_token = empty_token  # what a final piece without a token of its own shows
+        self.offsets = [len(prompt)] * candidates
+        self.first = [True] * candidates
+
+    def choices(self, gens: list[Generation]) -> list[dict]:
+        # best_of: keep the n likeliest candidates; usage counts every token generated.
+        kept = sorted(gens, key=lambda g: -g.logprob_sum)[: self.n] if len(gens) > self.n else gens
+        return [{"index": i, "text": self.echo + g.text, "logprobs": self._whole_logprobs(g),
+                 "finish_reason": openai_finish(g.finish_reason)} for i, g in enumerate(kept)]
+
+    def _whole_logprobs(self, gen: Generation) -> dict | None:
+        if self.logprobs is None:
+            return None
+        if self.echo_logprobs:  # the prompt's tokens first, the first of them without a logprob
+            return _completion_logprobs(gen.prefill + gen.tokens, None, 0)
+        return _completion_logprobs(gen.tokens, gen.top_tokens, len(self.prompt))
+
+    def opening(self, index: int) -> list[dict]:
+        return []
+
+    def chunks(self, index: int, piece: Piece, gen: Generation) -> list[dict]:
+        first = self.first[index]
+        self.first[index] = False
+        text = (self.echo if first else "") + piece.text
+        token = piece.token or self.empty_token
+        logprobs = self._piece_logprobs(index, first, piece, token, gen)
+        chunk = {"choices": [{"index": index, "text": text, "logprobs": logprobs,
+                              "finish_reason": openai_finish(piece.finish_reason)}],
+                 # TGI's token object too: the JS @huggingface/inference stream reads `r.token.text`.
+                 "token": {**token, "text": text}}
+        if piece.finish_reason:
+            chunk["generated_text"] = self.echo + gen.text
+        return [chunk]
+
+    def _piece_logprobs(self, index: int, first: bool, piece: Piece, token: dict, gen: Generation) -> dict | None:
+        if self.logprobs is None:
+            return None
+        tokens = [token]
+        if first and self.echo_logprobs:
+            tokens = gen.prefill + tokens
+            self.offsets[index] = 0
+        lp = _completion_logprobs(tokens, [piece.top_tokens] if piece.top_tokens else None, self.offsets[index])
+        self.offsets[index] += sum(len(t["text"]) for t in tokens)
+        return lp
+
+
 async def completions(request: Request) -> Response:
     router = router_of(request)
     body = await parse(request, schemas.CompletionRequest)
@@ -151,64 +266,8 @@ async def completions(request: Request) -> Response:
                      greedy_candidates_ok=True)
     if body.echo and body.logprobs:
         raise ApiError(422, "logprobs: with echo only 0 is supported (prompt tokens come without alternatives)")
-    echo_logprobs = bool(body.echo and body.logprobs is not None)
-    job = openai_job(router, body, ids, prompt, body.max_tokens, body.logprobs or 0, prompt_logprobs=echo_logprobs)
-    jobs = job.copies(best_of)
-    echo = prompt if body.echo else ""
-    base = {"id": f"cmpl-{job.request.request_id}", "created": int(time.time()), "model": router.model_id,
-            "system_fingerprint": f"sluice-{sluice.__version__}"}
-
-    def logprobs(gen: Generation) -> dict | None:
-        if body.logprobs is None:
-            return None
-        if echo_logprobs:  # the prompt's tokens first, the first of them without a logprob
-            return _completion_logprobs(gen.prefill + gen.tokens, None, 0)
-        return _completion_logprobs(gen.tokens, gen.top_tokens, len(prompt))
-
-    if not body.stream:
-        async def compute() -> Response:
-            gens = await collect_all(router, jobs, hold_back=True)
-            # best_of: keep the n likeliest candidates; usage counts every token generated.
-            kept = sorted(gens, key=lambda g: -g.logprob_sum)[:n] if best_of > n else gens
-            choices = [{"index": i, "text": echo + g.text,
-                        "logprobs": logprobs(g),
-                        "finish_reason": _openai_finish(g.finish_reason)} for i, g in enumerate(kept)]
-            return JSONResponse({**base, "object": "text_completion", "choices": choices,
-                                 "usage": _usage(len(ids), gens)})
-
-        return in_app(compute)
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    async def events() -> AsyncIterator[dict | str]:
-        gens = [Generation(prompt_tokens=len(ids)) for _ in jobs]
-        offsets = [len(prompt)] * len(jobs)
-        first = [True] * len(jobs)
-        streams = [router.textgen.generate(j.request, j.stops, True, g) for j, g in zip(jobs, gens)]
-        async for i, piece in interleave(streams):
-            text = (echo if first[i] else "") + piece.text
-            token = piece.token or router.textgen.token_dict(0, 0.0, "")
-            lp = None
-            if body.logprobs is not None:
-                tokens = [token]
-                if first[i] and echo_logprobs:
-                    tokens = gens[i].prefill + tokens
-                    offsets[i] = 0
-                lp = _completion_logprobs(tokens, [piece.top_tokens] if piece.top_tokens else None, offsets[i])
-                offsets[i] += sum(len(t["text"]) for t in tokens)
-            first[i] = False
-            chunk = {**base, "object": "text_completion",
-                     "choices": [{"index": i, "text": text, "logprobs": lp,
-                                  "finish_reason": _openai_finish(piece.finish_reason)}],
-                     # TGI's token object too: the JS @huggingface/inference stream reads `r.token.text`.
-                     "token": {**token, "text": text}}
-            if piece.finish_reason:
-                chunk["generated_text"] = echo + gens[i].text
-            if include_usage:
-                chunk["usage"] = None
-            yield chunk
-        if include_usage:
-            yield {**base, "object": "text_completion", "choices": [], "usage": _usage(len(ids), gens)}
-        yield "[DONE]"
-
-    return EventStream(guarded(events(), done="[DONE]"))
+    dialect = CompletionDialect(body, prompt, n, best_of, router.textgen.token_dict(0, 0.0, ""))
+    job = openai_job(router, body, ids, prompt, body.max_tokens, body.logprobs or 0,
+                     prompt_logprobs=dialect.echo_logprobs)
+    return respond(router, job.copies(best_of), dialect, envelope("cmpl", job, router), len(ids), body.stream,
+                   body.stream_options)

@@ -163,18 +163,15 @@ class NamedToolChoice(_Body):
     function: Function | dict
 
 
-class _OpenAISampling(_Request):
-    model: str | None = None
-    max_tokens: NewTokens = None
+class OpenAISampling(_Request):
+    """The sampling fields every OpenAI route takes (jobs.openai_job reads them): chat, completions, Responses."""
+
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None
     top_p: TopP = None
     stop: str | list[str] | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     seed: Seed = None
     frequency_penalty: OpenAIPenalty = None
     presence_penalty: OpenAIPenalty = None
-    n: Annotated[int | None, Field(ge=1, le=16)] = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None  # accepted; this server keeps no per-user state
     # Not OpenAI, but vLLM and TGI accept them and some clients send them.
@@ -194,6 +191,14 @@ class _OpenAISampling(_Request):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else self.stop
+
+
+class _OpenAISampling(OpenAISampling):
+    model: str | None = None
+    max_tokens: NewTokens = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    n: Annotated[int | None, Field(ge=1, le=16)] = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
