@@ -24,6 +24,9 @@ from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openai import chat_completions, completions
 from .pool import ShardPool
+from .response_store import ResponseStore
+from .responses import create_response, delete_response, list_input_items, retrieve_response
+from .responses_schemas import ResponsesRequest
 from .service import docs, health, info, metrics, models, openapi, openapi_schema, tokenize
 from .state import Router
 from .tgi import tgi_compat, tgi_generate, tgi_generate_stream
@@ -58,6 +61,11 @@ ENDPOINTS: list[Endpoint] = [
              schemas.ChatCompletionRequest, "both", generation=True),
     Endpoint("/v1/completions", "POST", completions, "OpenAI completions", schemas.CompletionRequest, "both",
              generation=True),
+    Endpoint("/v1/responses", "POST", create_response, "OpenAI Responses: create (streamed as typed events)",
+             ResponsesRequest, "both", generation=True),
+    Endpoint("/v1/responses/{response_id}", "GET", retrieve_response, "a stored response"),
+    Endpoint("/v1/responses/{response_id}", "DELETE", delete_response, "delete a stored response"),
+    Endpoint("/v1/responses/{response_id}/input_items", "GET", list_input_items, "a stored response's input items"),
     Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest),
     Endpoint("/v1/models", "GET", models, "the served model"),
     Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503"),
@@ -93,6 +101,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
     app.state.router = router
     app.state.load = load
+    app.state.responses = ResponseStore(settings.responses_store_max, settings.responses_store_bytes)
     app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
                        generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},
                        api_key=settings.api_key, load=load)

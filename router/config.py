@@ -28,6 +28,11 @@ class RouterSettings:
                                  help="larger request bodies get 413 without being read")
     shutdown_timeout_s: float = option(30.0, flag="--shutdown-timeout", env="SHUTDOWN_TIMEOUT", type=float,
                                        help="seconds requests in flight may take to finish after SIGTERM")
+    responses_store_max: int = option(1000, env="RESPONSES_STORE_MAX", type=int,
+                                      help="stored /v1/responses kept per API key, least recently used evicted "
+                                           "first; 0 keeps none")
+    responses_store_bytes: int = option(64 * 1024 * 1024, env="RESPONSES_STORE_BYTES", type=int,
+                                        help="bytes of stored /v1/responses (JSON) kept per API key")
     shard_addresses: list[str] = option(flag="--shard-address", action="append", only=ROUTER,
                                         default_factory=lambda: ["unix:///tmp/sluice-shard.sock"],
                                         help="shard gRPC address: unix:///path.sock, host:port or dns:///name:port "

@@ -24,9 +24,10 @@ SSE_HEADERS = [
 ]
 
 
-def sse_event(payload: dict | str) -> bytes:
+def sse_event(payload: dict | str, name: str | None = None) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {data}\n\n".encode()
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -53,16 +54,19 @@ async def _unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool,
 
 
 class EventStream:
-    """A server-sent-events response: one `data: <json>` line and a blank line per event."""
+    """A server-sent-events response: one `data: <json>` line and a blank line per event. With `named`
+    (the Responses API, as OpenAI sends it), an `event: <type>` line comes first, from each event's `type`."""
 
-    def __init__(self, events: AsyncIterator[dict | str]) -> None:
+    def __init__(self, events: AsyncIterator[dict | str], named: bool = False) -> None:
         self.events = events
+        self.named = named
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             async for event in self.events:
-                await send({"type": "http.response.body", "body": sse_event(event), "more_body": True})
+                name = event.get("type") if self.named and isinstance(event, dict) else None
+                await send({"type": "http.response.body", "body": sse_event(event, name), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         try:

@@ -60,7 +60,8 @@ def test_route_table_feeds_the_openapi_document():
     from router.service import openapi_schema
 
     assert set(openapi_schema()["paths"]) == {e.path for e in ENDPOINTS}
-    assert GENERATION_ROUTES == {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions"}
+    assert GENERATION_ROUTES == {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions",
+                                 "/v1/responses"}
 
 
 BODIES = {
@@ -69,6 +70,7 @@ BODIES = {
     "/generate_stream": {"inputs": "hi", "parameters": {"max_new_tokens": 1}},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 1},
 }
 
 

@@ -1,0 +1,117 @@
+"""The Responses API's stream: typed events in OpenAI's order, each with its `sequence_number` (the SSE
+`event:` line carries the type too, see sse.EventStream's `named`).
+
+    response.created, response.in_progress,
+    per output item: response.output_item.added,
+        a message: response.content_part.added, response.output_text.delta (one per piece of text),
+                   response.output_text.done, response.content_part.done
+        a function call: response.function_call_arguments.delta, response.function_call_arguments.done
+    response.output_item.done,
+    then response.completed, or response.incomplete (cut by max_output_tokens),
+    or, when the generation fails mid-way, an `error` event and response.failed.
+
+Plain text streams as it is generated. A tool-constrained answer is only known (a call, or text through
+`no_tool`) once its JSON is complete, so its item's events all come at the end.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
+
+from .generation import Generation, IncompleteGeneration
+from .jobs import Job
+from .pool import ShardError
+from .state import Router
+
+if TYPE_CHECKING:  # responses imports this module
+    from .responses import Draft
+
+log = logging.getLogger("sluice.router")
+
+
+class Sequence:
+    """Numbers the events of one stream, from 0."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def event(self, kind: str, **fields) -> dict:
+        event = {"type": kind, "sequence_number": self.next, **fields}
+        self.next += 1
+        return event
+
+
+async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[dict], None]) -> AsyncIterator[dict]:
+    seq = Sequence()
+    yield seq.event("response.created", response=draft.object("in_progress", []))
+    yield seq.event("response.in_progress", response=draft.object("in_progress", []))
+    gen = Generation(prompt_tokens=draft.prompt_tokens)
+    streaming_text = not draft.tools
+    if streaming_text:
+        for event in _message_opening(seq, 0, draft.message("", "in_progress")):
+            yield event
+    try:
+        async for piece in router.textgen.generate(job.request, job.stops, True, gen):
+            if streaming_text and piece.text:
+                yield seq.event("response.output_text.delta", item_id=draft.message_id, output_index=0,
+                                content_index=0, delta=piece.text, logprobs=[])
+    except (ShardError, IncompleteGeneration) as exc:
+        kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
+        log.warning("stream failed: %s", exc)
+        yield seq.event("error", code=kind, message=str(exc), param=None)
+        yield seq.event("response.failed", response=draft.object(
+            "failed", [], gen, error={"code": "server_error", "message": str(exc)}))
+        return
+    output = draft.output(gen)
+    for index, item in enumerate(output):
+        if not streaming_text:
+            for event in _opening(seq, index, item):
+                yield event
+            for event in _body(seq, index, item):
+                yield event
+        for event in _closing(seq, index, item):
+            yield event
+    status = draft.status(gen)
+    response = draft.object(status, output, gen)
+    keep(response)
+    yield seq.event(f"response.{status}", response=response)
+
+
+def _opening(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
+    if item["type"] == "message":
+        yield from _message_opening(seq, index, {**item, "status": "in_progress", "content": []})
+    else:
+        yield seq.event("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "arguments": ""})
+
+
+def _message_opening(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
+    yield seq.event("response.output_item.added", output_index=index, item=item)
+    yield seq.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                    part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+
+
+def _body(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
+    """A finished item's content in one delta (a tool-constrained answer: known only when complete)."""
+    if item["type"] == "message":
+        text = item["content"][0]["text"]
+        if text:
+            yield seq.event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
+                            delta=text, logprobs=[])
+    else:
+        yield seq.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"])
+
+
+def _closing(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
+    if item["type"] == "message":
+        part = item["content"][0]
+        yield seq.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                        text=part["text"], logprobs=[])
+        yield seq.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                        part=part)
+    else:
+        yield seq.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        name=item["name"], arguments=item["arguments"])
+    yield seq.event("response.output_item.done", output_index=index, item=item)
