@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .openai import chat_completions, completions
 from .pool import ShardPool
 from .response_store import ResponseStore
-from .responses import create_response, delete_response, list_input_items, retrieve_response
+from .responses import cancel_response, create_response, delete_response, list_input_items, retrieve_response
 from .responses_schemas import ResponsesRequest
 from .service import docs, health, info, metrics, models, openapi, openapi_schema, tokenize
 from .state import Router
@@ -65,6 +65,7 @@ ENDPOINTS: list[Endpoint] = [
              ResponsesRequest, "both", generation=True),
     Endpoint("/v1/responses/{response_id}", "GET", retrieve_response, "a stored response"),
     Endpoint("/v1/responses/{response_id}", "DELETE", delete_response, "delete a stored response"),
+    Endpoint("/v1/responses/{response_id}/cancel", "POST", cancel_response, "cancel a background response"),
     Endpoint("/v1/responses/{response_id}/input_items", "GET", list_input_items, "a stored response's input items"),
     Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest),
     Endpoint("/v1/models", "GET", models, "the served model"),

@@ -10,6 +10,7 @@ functions and that output format in a system message (TOOL_PROMPT).
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,14 +149,70 @@ def tool_system_prompt(functions: list[dict], allow_text: bool) -> str:
     return TOOL_PROMPT.format(tools=listing, auto=_AUTO_HINT if allow_text else "")
 
 
-def parse_tool_call(text: str) -> tuple[str | None, list[dict] | None]:
-    """(content, tool_calls) from a generation under tools_grammar. A generation cut short (length) is
-    not valid JSON: it is returned as content, as is a `no_tool` answer."""
+# The head of a call under tools_grammar, up to where its arguments begin.
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCallReader:
+    """Reads a generation under tools_grammar as it is written: the function's name as soon as it is
+    complete, then its arguments' JSON text piece by piece. The call's own closing brace (and any space
+    before it) is held back, so the pieces put together are exactly the final `arguments`."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.name: str | None = None
+        self._start = 0  # where the arguments begin
+        self._sent = 0
+
+    @property
+    def calling(self) -> bool:
+        """Whether this is a call (its name is known and is not `no_tool`)."""
+        return self.name is not None and self.name != NO_TOOL
+
+    def add(self, piece: str) -> str:
+        """Append generated text; returns the argument text that is certain now (none before the name)."""
+        self.text += piece
+        if self.name is None:
+            head = _CALL_HEAD.match(self.text)
+            if head is None:
+                return ""
+            self.name = json.loads(head.group(1))
+            self._start = self._sent = head.end()
+        return self._release(len(self.text.rstrip()) - 1) if self.calling else ""
+
+    def finish(self) -> str:
+        """The rest of the arguments, the generation being over."""
+        return self._release(self._start + len(self.arguments)) if self.calling else ""
+
+    @property
+    def arguments(self) -> str:
+        """The arguments as written: the whole object, or as far as it got when the generation was cut."""
+        try:
+            _, end = json.JSONDecoder().raw_decode(self.text, self._start)
+        except ValueError:
+            return self.text[self._start:]
+        return self.text[self._start:end]
+
+    def _release(self, upto: int) -> str:
+        out = self.text[self._sent:upto] if upto > self._sent else ""
+        self._sent = max(self._sent, upto)
+        return out
+
+
+def parse_tool_call(text: str, call_id: str | None = None) -> tuple[str | None, list[dict] | None]:
+    """(content, tool_calls) from a whole generation under tools_grammar. A call cut short (length) is
+    still a call, with the arguments as far as they got; a `no_tool` answer is content, and so is a
+    generation cut before the function's name was complete."""
+    reader = ToolCallReader()
+    reader.add(text)
+    if reader.calling:
+        return None, [{"id": call_id or new_call_id(), "type": "function",
+                       "function": {"name": reader.name, "arguments": reader.arguments}}]
     try:
-        call = json.loads(text)
+        return json.loads(text)["arguments"].get("content", ""), None
     except ValueError:
         return text, None
-    if call["name"] == NO_TOOL:
-        return call["arguments"].get("content", ""), None
-    return None, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                   "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]

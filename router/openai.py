@@ -128,6 +128,7 @@ class ChatDialect:
     def __init__(self, logprobs: bool, tools: bool) -> None:
         self.logprobs = logprobs
         self.tools = tools
+        self.readers: dict[int, constraints.ToolCallReader] = {}  # per choice, when streaming tool calls
 
     def message(self, gen: Generation) -> tuple[dict, bool]:
         """(the assistant message, whether it is a tool call)."""
@@ -149,19 +150,38 @@ class ChatDialect:
         return [self._chunk(index, {"role": "assistant", "content": ""})]
 
     def chunks(self, index: int, piece: Piece, gen: Generation) -> list[dict]:
+        """The piece's delta, and on the last piece a chunk of its own with the finish reason and an empty
+        delta, as OpenAI sends it (the SDK's stream helper closes a tool call's arguments on that chunk)."""
         if self.tools:
-            # A tool call is only known once its JSON is complete: it goes out whole, in one delta
-            # (OpenAI's format; clients accumulate deltas, so one is as good as many).
-            if not piece.finish_reason:
-                return []
-            msg, called = self.message(gen)
-            delta = {"tool_calls": [{"index": 0, **c} for c in msg["tool_calls"]]} if called else \
-                {"content": msg["content"]}
-            return [self._chunk(index, delta, None, openai_finish(piece.finish_reason, called))]
+            return self._tool_chunks(index, piece, gen)
+        out = [self._chunk(index, {"content": piece.text}, piece)] if piece.text else []
         if piece.finish_reason:
-            return [self._chunk(index, {"content": piece.text} if piece.text else {}, piece,
-                                openai_finish(piece.finish_reason))]
-        return [self._chunk(index, {"content": piece.text}, piece)] if piece.text else []
+            # The last token's logprobs go with its text, or with the finish when it shows none.
+            out.append(self._chunk(index, {}, None if piece.text else piece, openai_finish(piece.finish_reason)))
+        return out
+
+    def _tool_chunks(self, index: int, piece: Piece, gen: Generation) -> list[dict]:
+        """A call streams as it is written: a first delta with its id and name once the name is complete,
+        then its arguments' text. An answer in text (`no_tool`) is only known whole, at the end."""
+        reader = self.readers.setdefault(index, constraints.ToolCallReader())
+        named = reader.calling
+        arguments = reader.add(piece.text)
+        if piece.finish_reason:
+            arguments += reader.finish()
+        out = []
+        if reader.calling and not named:
+            out.append(self._call_delta(index, {"index": 0, "id": constraints.new_call_id(), "type": "function",
+                                                "function": {"name": reader.name, "arguments": ""}}))
+        if arguments:
+            out.append(self._call_delta(index, {"index": 0, "function": {"arguments": arguments}}))
+        if piece.finish_reason:
+            if not reader.calling:
+                out.append(self._chunk(index, {"content": constraints.parse_tool_call(gen.text)[0]}))
+            out.append(self._chunk(index, {}, None, openai_finish(piece.finish_reason, reader.calling)))
+        return out
+
+    def _call_delta(self, index: int, call: dict) -> dict:
+        return self._chunk(index, {"tool_calls": [call]})
 
     def _chunk(self, index: int, delta: dict, piece: Piece | None = None, finish: str | None = None) -> dict:
         lp = _chat_logprobs([(piece.token, piece.top_tokens)]) if self.logprobs and piece and piece.token else None

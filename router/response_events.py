@@ -10,8 +10,9 @@
     then response.completed, or response.incomplete (cut by max_output_tokens),
     or, when the generation fails mid-way, an `error` event and response.failed.
 
-Plain text streams as it is generated. A tool-constrained answer is only known (a call, or text through
-`no_tool`) once its JSON is complete, so its item's events all come at the end.
+Plain text streams as it is generated, and so does a function call (its item once its name is complete,
+then its arguments as they are written: constraints.ToolCallReader). A text answer under tools
+(`no_tool`) is only known once its JSON is complete, so its item's events all come at the end.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
+from . import constraints
 from .generation import Generation, IncompleteGeneration
 from .jobs import Job
 from .pool import ShardError
@@ -47,15 +49,18 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
     yield seq.event("response.created", response=draft.object("in_progress", []))
     yield seq.event("response.in_progress", response=draft.object("in_progress", []))
     gen = Generation(prompt_tokens=draft.prompt_tokens)
-    streaming_text = not draft.tools
-    if streaming_text:
+    reader = constraints.ToolCallReader() if draft.tools else None
+    if reader is None:
         for event in _message_opening(seq, 0, draft.message("", "in_progress")):
             yield event
     try:
         async for piece in router.textgen.generate(job.request, job.stops, True, gen):
-            if streaming_text and piece.text:
-                yield seq.event("response.output_text.delta", item_id=draft.message_id, output_index=0,
-                                content_index=0, delta=piece.text, logprobs=[])
+            if reader is None:
+                if piece.text:
+                    yield _text_delta(seq, draft.message_id, 0, piece.text)
+                continue
+            for event in _call_progress(seq, draft, reader, piece.text, bool(piece.finish_reason)):
+                yield event
     except (ShardError, IncompleteGeneration) as exc:
         kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
         log.warning("stream failed: %s", exc)
@@ -65,11 +70,11 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
         return
     output = draft.output(gen)
     for index, item in enumerate(output):
-        if not streaming_text:
-            for event in _opening(seq, index, item):
+        if reader is not None and not reader.calling:  # a text answer under tools: known only now
+            for event in _message_opening(seq, index, {**item, "status": "in_progress", "content": []}):
                 yield event
-            for event in _body(seq, index, item):
-                yield event
+            if item["content"][0]["text"]:
+                yield _text_delta(seq, item["id"], index, item["content"][0]["text"])
         for event in _closing(seq, index, item):
             yield event
     status = draft.status(gen)
@@ -78,30 +83,30 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
     yield seq.event(f"response.{status}", response=response)
 
 
-def _opening(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
-    if item["type"] == "message":
-        yield from _message_opening(seq, index, {**item, "status": "in_progress", "content": []})
-    else:
-        yield seq.event("response.output_item.added", output_index=index,
-                        item={**item, "status": "in_progress", "arguments": ""})
+def _call_progress(seq: Sequence, draft: Draft, reader: constraints.ToolCallReader, text: str,
+                   last: bool) -> Iterator[dict]:
+    """A function call as it is written: its item once the name is complete, then its arguments."""
+    named = reader.calling
+    arguments = reader.add(text)
+    if last:
+        arguments += reader.finish()
+    if reader.calling and not named:
+        yield seq.event("response.output_item.added", output_index=0,
+                        item=draft.call(reader.name, "", "in_progress"))
+    if arguments:
+        yield seq.event("response.function_call_arguments.delta", item_id=draft.call_item_id, output_index=0,
+                        delta=arguments)
+
+
+def _text_delta(seq: Sequence, item_id: str, index: int, text: str) -> dict:
+    return seq.event("response.output_text.delta", item_id=item_id, output_index=index, content_index=0,
+                     delta=text, logprobs=[])
 
 
 def _message_opening(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
     yield seq.event("response.output_item.added", output_index=index, item=item)
     yield seq.event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
                     part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-
-
-def _body(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
-    """A finished item's content in one delta (a tool-constrained answer: known only when complete)."""
-    if item["type"] == "message":
-        text = item["content"][0]["text"]
-        if text:
-            yield seq.event("response.output_text.delta", item_id=item["id"], output_index=index, content_index=0,
-                            delta=text, logprobs=[])
-    else:
-        yield seq.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                        delta=item["arguments"])
 
 
 def _closing(seq: Sequence, index: int, item: dict) -> Iterator[dict]:

@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .background import BackgroundRun
 
 
 @dataclass
@@ -15,11 +19,15 @@ class StoredResponse:
     response: dict  # the response object, as GET returns it
     input_items: list[dict]  # this request's own input, as GET .../input_items lists it
     context: list[dict]  # the whole conversation as input items: what a follow-up continues from
+    run: BackgroundRun | None = None  # a background response's task and events (background.py)
     size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        # What it costs to keep: its JSON size (the conversation dominates; it grows along a chain).
-        self.size = len(json.dumps([self.response, self.input_items, self.context], ensure_ascii=False).encode())
+        # What it costs to keep: its JSON size (the conversation dominates; it grows along a chain), and a
+        # background run's events so far.
+        events = self.run.events if self.run else []
+        self.size = len(json.dumps([self.response, self.input_items, self.context, events],
+                                   ensure_ascii=False).encode())
 
 
 class ResponseStore:

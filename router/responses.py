@@ -1,11 +1,13 @@
 """OpenAI Responses API: `POST /v1/responses` (a JSON body, or typed events with `stream`), and for stored
-responses `GET` / `DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items`.
+responses `GET` / `DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items` and
+`POST /v1/responses/{id}/cancel`.
 
 A request's input (a string, or message / function_call / function_call_output items) continues the
 conversation of its `previous_response_id`; the whole conversation is written as chat messages through
 the model's chat template (state.Router.chat_prompt) and becomes one job (jobs.openai_job) under the same
 constraints as chat (constraints.structure: `text.format`, function `tools`). The answer's `output` is one
-message or one function_call item; response_events.py streams it as typed events.
+message or one function_call item; response_events.py streams it as typed events, and background.py
+runs it on its own (`background`: polled, followed again from any event, cancelled).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import constraints, schemas
+from .background import BackgroundRun
 from .body import parse
 from .errors import ApiError
 from .generation import FinishReason, Generation, collect, guarded, in_app
@@ -122,6 +125,8 @@ class Draft:
     tools: bool  # the output is a tool call under constraints.tools_grammar
     id: str = field(default_factory=lambda: new_id("resp"))
     message_id: str = field(default_factory=lambda: new_id("msg"))
+    call_item_id: str = field(default_factory=lambda: new_id("fc"))  # a function_call item's, streamed or not
+    call_id: str = field(default_factory=constraints.new_call_id)
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def object(self, status: str, output: list[dict], gen: Generation | None = None,
@@ -147,7 +152,7 @@ class Draft:
             "top_p": 1.0 if b.top_p is None else b.top_p,
             "truncation": "disabled",
             "usage": self.usage(gen) if gen is not None else None,
-            "user": b.user, "metadata": b.metadata or {}, "background": False,
+            "user": b.user, "metadata": b.metadata or {}, "background": bool(b.background),
         }
 
     def usage(self, gen: Generation) -> dict:
@@ -160,12 +165,15 @@ class Draft:
         status = self.status(gen)
         text = gen.text
         if self.tools:
-            content, calls = constraints.parse_tool_call(gen.text)
+            content, calls = constraints.parse_tool_call(gen.text, self.call_id)
             if calls:
-                return [{"id": new_id("fc"), "type": "function_call", "status": status, "call_id": c["id"],
-                         "name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]
+                return [self.call(c["function"]["name"], c["function"]["arguments"], status) for c in calls]
             text = content or ""
         return [self.message(text, status)]
+
+    def call(self, name: str, arguments: str, status: str) -> dict:
+        return {"id": self.call_item_id, "type": "function_call", "status": status, "call_id": self.call_id,
+                "name": name, "arguments": arguments}
 
     def message(self, text: str, status: str) -> dict:
         return {"id": self.message_id, "type": "message", "role": "assistant", "status": status,
@@ -189,10 +197,11 @@ class Keeper:
     wanted: bool
     items: list[dict]
     context: list[dict]
+    run: BackgroundRun | None = None
 
     def keep(self, response: dict) -> None:
         if self.wanted:
-            record = StoredResponse(response, self.items, self.context + response["output"])
+            record = StoredResponse(response, self.items, self.context + response["output"], self.run)
             self.store.put(self.owner, response["id"], record)
 
 
@@ -216,9 +225,30 @@ async def create_response(request: Request) -> Response:
     job.tools = shape.tools
     draft = Draft(body, router.model_id, len(ids), job.tools)
     keeper = Keeper(store, owner, body.store is not False, items, context)
+    if body.background:
+        if body.store is False:
+            raise ApiError(422, "background: needs store (a background response is fetched from the store)")
+        return _start_background(request, router, job, draft, keeper, bool(body.stream))
     if body.stream:
         return EventStream(guarded(stream_events(router, job, draft, keeper.keep)), named=True)
     return in_app(partial(_answer, router, job, draft, keeper))
+
+
+def _start_background(request: Request, router: Router, job: Job, draft: Draft, keeper: Keeper,
+                      stream: bool) -> Response:
+    queued = draft.object("queued", [])
+    keeper.run = BackgroundRun(queued, partial(_cancelled, draft, keeper))
+    keeper.keep(queued)  # retrievable, and cancellable, from now on
+    keeper.run.start(guarded(stream_events(router, job, draft, keeper.keep)), request.app.state.load, router.metrics)
+    if stream:  # this reader may leave: the run goes on, and can be followed again
+        return EventStream(keeper.run.follow(), named=True)
+    return JSONResponse(queued)
+
+
+def _cancelled(draft: Draft, keeper: Keeper) -> dict:
+    response = draft.object("cancelled", [])
+    keeper.keep(response)
+    return response
 
 
 async def _answer(router: Router, job: Job, draft: Draft, keeper: Keeper) -> Response:
@@ -237,10 +267,26 @@ def _stored(store: ResponseStore, owner: str, response_id: str) -> StoredRespons
 
 
 async def retrieve_response(request: Request) -> Response:
-    if request.query_params.get("stream") in ("true", "1"):
-        raise ApiError(422, "stream: only background responses can be streamed again, and background mode "
-                            "is not supported")
-    return JSONResponse(_stored(store_of(request), owner_of(request), request.path_params["response_id"]).response)
+    """The stored response; a background one as it stands now, or (`stream=true`) its events after
+    `starting_after`, then live ones until it ends."""
+    record = _stored(store_of(request), owner_of(request), request.path_params["response_id"])
+    run = record.run
+    if request.query_params.get("stream") not in ("true", "1"):
+        return JSONResponse(record.response if run is None or run.done else run.latest)
+    if run is None:
+        raise ApiError(422, "stream: only background responses can be streamed again")
+    after = request.query_params.get("starting_after", "-1")
+    if not after.lstrip("-").isdigit() or int(after) < -1:
+        raise ApiError(422, f"starting_after: expected a sequence number, got {after!r}")
+    return EventStream(run.follow(int(after)), named=True)
+
+
+async def cancel_response(request: Request) -> Response:
+    record = _stored(store_of(request), owner_of(request), request.path_params["response_id"])
+    if record.run is None:
+        raise ApiError(422, "only background responses can be cancelled")
+    await record.run.cancel()
+    return JSONResponse(record.run.latest)  # cancelled, or as it ended if it was already over
 
 
 async def delete_response(request: Request) -> Response:

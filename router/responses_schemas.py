@@ -1,7 +1,7 @@
 """The Responses API's request body (`POST /v1/responses`), with OpenAI's field names.
 
 As everywhere (schemas.py): nulls mean unset, unknown fields are named in `x-sluice-ignored-fields`, and a
-known field this server cannot honour (another tool type, reasoning, images, audio, files, background)
+known field this server cannot honour (another tool type, reasoning, images, audio, files)
 is a 422 that names it, never a silent ignore.
 """
 from __future__ import annotations
@@ -108,15 +108,15 @@ class ResponsesRequest(OpenAISampling):
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = None
     stream: bool | None = None
     truncation: str | None = None
-    # Known, and refused unless unset: what this server does not do.
     background: bool | None = None
+    # Known, and refused unless unset: what this server does not do.
     reasoning: Any = None
     include: list[str] | None = None
     top_logprobs: int | None = None
     conversation: Any = None
     prompt: Any = None
 
-    _unsupported = field_validator("background", "top_logprobs", "conversation", "prompt")(_must_be_unset)
+    _unsupported = field_validator("top_logprobs", "conversation", "prompt")(_must_be_unset)
 
     @field_validator("include")
     @classmethod

@@ -171,6 +171,22 @@ def test_tool_calls(oai):
     assert follow.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_sdk_stream_helper_accumulates_the_same_tool_call(oai):
+    """The SDK's chat.completions.stream(...) closes a call's arguments on the finish chunk, which comes
+    after the last arguments delta: the call it accumulates is the non-streamed one."""
+    kwargs = {"model": "tgi", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+              "tools": [WEATHER], "tool_choice": "required", "max_tokens": 60, "temperature": 0}
+    whole = oai.chat.completions.create(**kwargs).choices[0].message.tool_calls[0].function
+    with oai.chat.completions.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_completion().choices[0]
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    deltas = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert len(done) == 1 and done[0].name == whole.name == "get_weather" and len(deltas) > 1
+    assert done[0].arguments == "".join(d.arguments_delta for d in deltas) == whole.arguments
+    assert final.finish_reason == "tool_calls" and final.message.tool_calls[0].function.arguments == whole.arguments
+
+
 def test_logit_bias_and_max_completion_tokens(oai, tokenizer):
     forced = tokenizer(" banana", add_special_tokens=False).input_ids[0]
     out = oai.chat.completions.create(model="tgi", messages=USER, max_completion_tokens=3, temperature=0,

@@ -98,3 +98,18 @@ def test_store_keeps_the_most_recent_and_forgets_the_rest(client):
     unstored = client.responses.create(model="tgi", input="Hi", store=False, max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
+
+
+def test_background_is_polled_and_followed_again_from_any_event(client):
+    queued = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=12, temperature=0,
+                                     background=True)
+    assert queued.status == "queued" and queued.background
+    events = list(client.responses.retrieve(queued.id, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    rest = list(client.responses.retrieve(queued.id, stream=True, starting_after=3))
+    assert [e.to_dict() for e in rest] == [e.to_dict() for e in events[4:]]  # no gap, no repeat
+    final = client.responses.retrieve(queued.id)
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert final.status == events[-1].response.status and final.output_text == deltas
+    assert client.responses.cancel(queued.id).status == final.status  # over already: as it ended

@@ -1,6 +1,7 @@
-"""The Responses API's rules in-process (httpx over ASGI) against a pool that answers with scripted text:
-refusals, the typed events and their order, function calls, the store (LRU, caps, 404) and what a
-follow-up's prompt holds. The real SDK against a real server is in tests/e2e/test_api_responses.py."""
+"""The Responses API's rules in-process (httpx over ASGI) against a pool that answers with scripted text
+(tests/scripted_pool.py): refusals, the typed events and their order, function calls, the store (LRU,
+caps, 404), background runs, and what a follow-up's prompt holds. The real SDK against a real server is
+in tests/e2e/test_api_responses.py."""
 from __future__ import annotations
 
 import asyncio
@@ -9,9 +10,8 @@ import json
 import httpx
 import pytest
 
-from router.app import create_app
-from router.config import RouterSettings
 from router.response_store import ResponseStore, StoredResponse
+from scripted_pool import run_in_process
 from sluice.modelfiles import load_tokenizer, resolve
 from sluice.pb import shard_pb2
 
@@ -20,65 +20,18 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Current we
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
-class ScriptedPool:
-    """The ShardPool interface the app uses; `generate` answers every request with `text`'s tokens, one per
-    message, the last with `finish` (or, with `fail`, the stream breaks off after the first)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.info = shard_pb2.InfoResponse(model_id="fake", vocab_size=len(tokenizer),
-                                           eos_token_ids=[tokenizer.eos_token_id], max_position_embeddings=512)
-        self.replicas: list = []
-        self.requests: list = []
-        self.text = "Hello there, friend"
-        self.finish = shard_pb2.FINISH_REASON_EOS
-        self.fail = False
-        self.release = asyncio.Event()
-        self.release.set()
-
-    async def health(self) -> list:
-        return []
-
-    async def generate(self, request):
-        self.requests.append(request)
-        await self.release.wait()
-        ids = self.tokenizer(self.text, add_special_tokens=False).input_ids
-        for i, token in enumerate(ids):
-            last = i == len(ids) - 1
-            yield shard_pb2.GenerateResponse(tokens=[shard_pb2.Token(id=token, logprob=-0.5)],
-                                             prompt_tokens=len(request.input_ids),
-                                             finish_reason=self.finish if last else 0)
-            if self.fail:
-                return
-
-    def abort_all(self, reason: str) -> int:
-        return 0
-
-    async def close(self) -> None:
-        pass
-
-    def prompt(self, index: int = -1) -> str:
-        return self.tokenizer.decode(list(self.requests[index].input_ids))
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
     return load_tokenizer(resolve(str(tiny_llama)))
 
 
 def run(tiny_llama, tokenizer, check, **settings) -> None:
-    async def main():
-        pool = ScriptedPool(tokenizer)
-        app = create_app(RouterSettings(model_id=str(tiny_llama), **settings), pool=pool)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
-                await check(client, pool)
-
-    asyncio.run(main())
+    run_in_process(tiny_llama, tokenizer, check, **settings)
 
 
-def events_of(response: httpx.Response) -> list[dict]:
-    """The SSE events, checking that each one's `event:` line names its data's type."""
+def events_of(response: httpx.Response, first: int = 0) -> list[dict]:
+    """The SSE events, checking that each one's `event:` line names its data's type and that they are
+    numbered on from `first`."""
     assert response.headers["content-type"].startswith("text/event-stream")
     events = []
     for block in response.text.strip("\n").split("\n\n"):
@@ -87,7 +40,7 @@ def events_of(response: httpx.Response) -> list[dict]:
         event = json.loads(data[len("data: "):])
         assert event["type"] == name[len("event: "):]
         events.append(event)
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["sequence_number"] for e in events] == list(range(first, first + len(events)))
     return events
 
 
@@ -100,7 +53,7 @@ REFUSED = [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "other"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
-    ({"background": True}, "background"),
+    ({"background": True, "store": False}, "background"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"truncation": "auto"}, "truncation"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
@@ -194,13 +147,16 @@ def test_function_call_streamed_and_not(tiny_llama, tokenizer):
         assert json.loads(call["arguments"]) == {"city": "Paris"} and whole["status"] == "completed"
         assert pool.requests[-1].grammar  # constrained to the tool call format
         events = events_of(await client.post("/v1/responses", json={**body, "stream": True}))
+        deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+        assert len(deltas) > 1  # as the model writes them
         assert [e["type"] for e in events] == [
             "response.created", "response.in_progress", "response.output_item.added",
-            "response.function_call_arguments.delta", "response.function_call_arguments.done",
+            *["response.function_call_arguments.delta"] * len(deltas), "response.function_call_arguments.done",
             "response.output_item.done", "response.completed"]
-        added, delta, done, item_done = events[2:6]
+        added, done, item_done = events[2], events[-3], events[-2]
         assert added["item"]["arguments"] == "" and added["item"]["status"] == "in_progress"
-        assert delta["delta"] == done["arguments"] == item_done["item"]["arguments"]
+        assert added["item"]["call_id"] == item_done["item"]["call_id"] and added["item"]["id"] == done["item_id"]
+        assert "".join(deltas) == done["arguments"] == item_done["item"]["arguments"]
         assert json.loads(done["arguments"]) == {"city": "Paris"}
         assert events[-1]["response"]["output"] == [item_done["item"]]
         # tool_choice auto and the model answering in text: a message item.
@@ -289,6 +245,43 @@ def test_overload_is_429_before_any_event(tiny_llama, tokenizer):
         assert r.status_code == 429 and r.json()["error_type"] == "overloaded"
         pool.release.set()
         assert events_of(await held)[-1]["type"] == "response.completed"
+
+    run(tiny_llama, tokenizer, check, max_concurrent_requests=1)
+
+
+def test_background_runs_counted_polled_followed_and_cancelled(tiny_llama, tokenizer):
+    async def check(client, pool):
+        pool.release.clear()
+        queued = (await client.post("/v1/responses", json={"input": USER, "background": True})).json()
+        assert queued["status"] == "queued" and queued["background"] is True
+        url = f"/v1/responses/{queued['id']}"
+        while not pool.requests:
+            await asyncio.sleep(0.01)
+        # It runs on after its request ended, and still counts against max_concurrent_requests.
+        assert (await client.post("/v1/responses", json={"input": USER})).status_code == 429
+        assert (await client.get(url)).json()["status"] == "in_progress"
+        pool.release.set()
+        events = events_of(await client.get(url, params={"stream": "true"}))
+        assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+        middle = len(events) // 2
+        rest = events_of(await client.get(url, params={"stream": "true", "starting_after": middle}), middle + 1)
+        assert rest == events[middle + 1:]  # no gap, no repeat
+        done = (await client.get(url)).json()
+        assert done["status"] == "completed" and done["output"][0]["content"][0]["text"] == pool.text
+        assert (await client.post(url + "/cancel")).json() == done  # over already: as it ended
+
+        pool.release.clear()
+        running = (await client.post("/v1/responses", json={"input": USER, "background": True})).json()
+        while len(pool.requests) < 2:
+            await asyncio.sleep(0.01)
+        cancelled = (await client.post(f"/v1/responses/{running['id']}/cancel")).json()
+        assert cancelled["status"] == "cancelled"
+        assert (await client.get(f"/v1/responses/{running['id']}")).json()["status"] == "cancelled"
+        pool.release.set()
+        assert (await client.post("/v1/responses", json={"input": USER})).status_code == 200  # no longer counted
+        plain = (await client.post("/v1/responses", json={"input": USER})).json()
+        assert (await client.post(f"/v1/responses/{plain['id']}/cancel")).status_code == 422
+        assert (await client.get(f"/v1/responses/{plain['id']}", params={"stream": "true"})).status_code == 422
 
     run(tiny_llama, tokenizer, check, max_concurrent_requests=1)
 

@@ -1,0 +1,65 @@
+"""A stand-in for the router's ShardPool that answers every request with scripted text, and the in-process
+app around it (httpx over ASGI: no ports, no subprocess), for the router-tier tests of what the routes
+make of a generation. Imported as `scripted_pool` (tests/ is on pytest's pythonpath)."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from router.app import create_app
+from router.config import RouterSettings
+from sluice.pb import shard_pb2
+
+
+class ScriptedPool:
+    """The ShardPool interface the app uses; `generate` answers every request with `text`'s tokens, one per
+    message, the last with `finish` (or, with `fail`, the stream breaks off after the first)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.info = shard_pb2.InfoResponse(model_id="fake", vocab_size=len(tokenizer),
+                                           eos_token_ids=[tokenizer.eos_token_id], max_position_embeddings=512)
+        self.replicas: list = []
+        self.requests: list = []
+        self.text = "Hello there, friend"
+        self.finish = shard_pb2.FINISH_REASON_EOS
+        self.fail = False
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def health(self) -> list:
+        return []
+
+    async def generate(self, request):
+        self.requests.append(request)
+        await self.release.wait()
+        ids = self.tokenizer(self.text, add_special_tokens=False).input_ids
+        for i, token in enumerate(ids):
+            last = i == len(ids) - 1
+            yield shard_pb2.GenerateResponse(tokens=[shard_pb2.Token(id=token, logprob=-0.5)],
+                                             prompt_tokens=len(request.input_ids),
+                                             finish_reason=self.finish if last else 0)
+            if self.fail:
+                return
+
+    def abort_all(self, reason: str) -> int:
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+    def prompt(self, index: int = -1) -> str:
+        return self.tokenizer.decode(list(self.requests[index].input_ids))
+
+
+def run_in_process(model_dir, tokenizer, check, **settings) -> None:
+    """Run `await check(client, pool)` against the app over a fresh ScriptedPool."""
+    async def main():
+        pool = ScriptedPool(tokenizer)
+        app = create_app(RouterSettings(model_id=str(model_dir), **settings), pool=pool)
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+                await check(client, pool)
+
+    asyncio.run(main())
