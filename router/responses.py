@@ -24,7 +24,8 @@ from . import constraints, schemas
 from .background import BackgroundRun
 from .body import parse
 from .errors import ApiError
-from .generation import FinishReason, Generation, collect, guarded, in_app
+from .contract import FinishReason
+from .generation import Generation, collect, guarded, in_app
 from .jobs import Job, openai_job
 from .response_events import stream_events
 from .response_store import ResponseStore, StoredResponse

@@ -9,7 +9,7 @@ import httpx
 
 from router.app import create_app
 from router.config import RouterSettings
-from sluice.pb import shard_pb2
+from router.contract import FinishReason, Reply, ShardInfo, Token
 
 
 class ScriptedPool:
@@ -18,12 +18,12 @@ class ScriptedPool:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.info = shard_pb2.InfoResponse(model_id="fake", vocab_size=len(tokenizer),
-                                           eos_token_ids=[tokenizer.eos_token_id], max_position_embeddings=512)
+        self.info = ShardInfo(model_id="fake", vocab_size=len(tokenizer), eos_token_ids=[tokenizer.eos_token_id],
+                              max_position_embeddings=512)
         self.replicas: list = []
         self.requests: list = []
         self.text = "Hello there, friend"
-        self.finish = shard_pb2.FINISH_REASON_EOS
+        self.finish = FinishReason.EOS
         self.fail = False
         self.release = asyncio.Event()
         self.release.set()
@@ -37,9 +37,8 @@ class ScriptedPool:
         ids = self.tokenizer(self.text, add_special_tokens=False).input_ids
         for i, token in enumerate(ids):
             last = i == len(ids) - 1
-            yield shard_pb2.GenerateResponse(tokens=[shard_pb2.Token(id=token, logprob=-0.5)],
-                                             prompt_tokens=len(request.input_ids),
-                                             finish_reason=self.finish if last else 0)
+            yield Reply(tokens=[Token(id=token, logprob=-0.5)], prompt_tokens=len(request.input_ids),
+                        finish_reason=self.finish if last else None)
             if self.fail:
                 return
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from router.contract import FinishReason
 from scripted_pool import run_in_process
 from sluice.modelfiles import load_tokenizer, resolve
-from sluice.pb import shard_pb2
 
 CALL = '{"name":"get_weather","arguments":{"city":"Paris","days":3}}'
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -53,7 +53,7 @@ def test_tool_call_streams_as_written_then_a_finish_chunk(tiny_llama, tokenizer)
 
 def test_tool_call_cut_by_length_is_still_a_call(tiny_llama, tokenizer):
     async def check(client, pool):
-        pool.text, pool.finish = CALL[:-12], shard_pb2.FINISH_REASON_LENGTH
+        pool.text, pool.finish = CALL[:-12], FinishReason.LENGTH
         whole = (await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 9})).json()
         choice = whole["choices"][0]
         assert choice["finish_reason"] == "length" and choice["message"]["content"] is None

@@ -10,10 +10,10 @@ import json
 import httpx
 import pytest
 
+from router.contract import FinishReason
 from router.response_store import ResponseStore, StoredResponse
 from scripted_pool import run_in_process
 from sluice.modelfiles import load_tokenizer, resolve
-from sluice.pb import shard_pb2
 
 CALL = '{"name":"get_weather","arguments":{"city":"Paris"}}'
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather",
@@ -114,7 +114,7 @@ def test_streamed_text_events_in_order(tiny_llama, tokenizer):
 
 def test_cut_by_max_output_tokens_is_incomplete(tiny_llama, tokenizer):
     async def check(client, pool):
-        pool.finish = shard_pb2.FINISH_REASON_LENGTH
+        pool.finish = FinishReason.LENGTH
         body = {"input": USER, "max_output_tokens": 4}
         whole = (await client.post("/v1/responses", json=body)).json()
         assert whole["status"] == "incomplete" and whole["incomplete_details"] == {"reason": "max_output_tokens"}
