@@ -1,6 +1,8 @@
 """Service routes: health, info, metrics, tokenize, models, the OpenAPI document and its page."""
 from __future__ import annotations
 
+import re
+
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
@@ -77,6 +79,10 @@ def openapi_schema() -> dict:
     paths = {}
     for e in ENDPOINTS:
         op: dict = {"summary": e.summary, "responses": dict(RESPONSES[e.kind])}
+        names = re.findall(r"\{(\w+)\}", e.path)  # /v1/responses/{response_id}
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                                for n in names]
         if e.body is not None:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": e.body.model_json_schema()}}}

@@ -1,7 +1,8 @@
-"""The Responses API through the real `openai` SDK against a real `sluice serve` (embedded SmolLM2): create,
-streamed and not, the `responses.stream` helper, `responses.parse` into a pydantic model, a function tool
-round trip with `previous_response_id`, and the store's count cap. Rules (refusals, event order, LRU) are
-checked in-process in tests/router/test_responses_inprocess.py."""
+"""The Responses API through the real `openai` SDK against the shared `sluice serve` (embedded SmolLM2):
+create, streamed and not, the `responses.stream` helper, `responses.parse` into a pydantic model, a
+function tool round trip with `previous_response_id`, background + re-attach, and 404 for what the store
+does not hold. Rules (refusals, event order, the store's LRU and caps, cancel) are checked in-process in
+tests/router/test_responses_inprocess.py, where the caps can be small."""
 from __future__ import annotations
 
 import json
@@ -10,35 +11,29 @@ from typing import Literal
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from servers import Server
-
-STORE_MAX = 3
 PROMPT = "Write one sentence about the sea."
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
                           "required": ["city"], "additionalProperties": False}}
 
 
-class Fruit(BaseModel):
-    name: str = Field(max_length=12)
+class Fruit(BaseModel):  # small and bounded: the grammar completes it in a few tokens
     color: Literal["red", "green", "yellow"]
     ripe: bool
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("responses"), responses_store_max=STORE_MAX)
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
-    srv.stop()
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="-", max_retries=0)
 
 
 def test_create_streamed_equals_not_streamed(client):
-    whole = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=12, temperature=0)
+    whole = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=8, temperature=0)
     assert whole.status in ("completed", "incomplete") and whole.output_text
-    assert whole.usage.output_tokens <= 12 and whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
-    events = list(client.responses.create(model="tgi", input=PROMPT, max_output_tokens=12, temperature=0,
+    assert whole.usage.output_tokens <= 8 and whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
+    events = list(client.responses.create(model="tgi", input=PROMPT, max_output_tokens=8, temperature=0,
                                           stream=True))
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[0].type == "response.created" and events[-1].type == f"response.{whole.status}"
@@ -48,7 +43,7 @@ def test_create_streamed_equals_not_streamed(client):
 
 def test_stream_helper_and_parse_into_a_model(client):
     input_ = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Describe a banana."}]
-    with client.responses.stream(model="tgi", input=input_, text_format=Fruit, max_output_tokens=60,
+    with client.responses.stream(model="tgi", input=input_, text_format=Fruit, max_output_tokens=30,
                                  temperature=0) as stream:
         events = list(stream)
         final = stream.get_final_response()
@@ -56,7 +51,7 @@ def test_stream_helper_and_parse_into_a_model(client):
     assert snapshots and snapshots[-1] == final.output_text
     done = next(e for e in events if e.type == "response.output_text.done")
     assert isinstance(done.parsed, Fruit) and final.output_parsed == done.parsed
-    parsed = client.responses.parse(model="tgi", input=input_, text_format=Fruit, max_output_tokens=60,
+    parsed = client.responses.parse(model="tgi", input=input_, text_format=Fruit, max_output_tokens=30,
                                     temperature=0)
     assert parsed.output_parsed == final.output_parsed  # greedy: the same answer, streamed or not
 
@@ -77,31 +72,28 @@ def test_function_tool_round_trip(client):
     follow = client.responses.create(model="tgi", previous_response_id=first.id, tools=[WEATHER],
                                      input=[{"type": "function_call_output", "call_id": call.call_id,
                                              "output": "18 degrees and sunny"}],
-                                     max_output_tokens=8, temperature=0)
+                                     max_output_tokens=4, temperature=0)
     assert follow.previous_response_id == first.id and follow.status in ("completed", "incomplete")
     items = client.responses.input_items.list(follow.id)
     assert [i.type for i in items.data] == ["function_call_output"]
 
 
-def test_store_keeps_the_most_recent_and_forgets_the_rest(client):
-    ids = [client.responses.create(model="tgi", input=f"Say {i}.", max_output_tokens=2, temperature=0).id
-           for i in range(STORE_MAX + 1)]
+def test_stored_retrieved_deleted_and_404(client):
+    first = client.responses.create(model="tgi", input="Say hi.", max_output_tokens=2, temperature=0)
+    kept = client.responses.retrieve(first.id)
+    assert kept.id == first.id and kept.output_text == first.output_text
+    client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(ids[0])
-    kept = client.responses.retrieve(ids[-1])
-    assert kept.id == ids[-1] and kept.status in ("completed", "incomplete")
-    client.responses.delete(ids[-1])
+        client.responses.retrieve(first.id)
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(ids[-1])
-    with pytest.raises(openai.NotFoundError):
-        client.responses.create(model="tgi", previous_response_id=ids[0], input="Go on.", max_output_tokens=2)
+        client.responses.create(model="tgi", previous_response_id=first.id, input="Go on.", max_output_tokens=2)
     unstored = client.responses.create(model="tgi", input="Hi", store=False, max_output_tokens=2)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
 
 
 def test_background_is_polled_and_followed_again_from_any_event(client):
-    queued = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=12, temperature=0,
+    queued = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=8, temperature=0,
                                      background=True)
     assert queued.status == "queued" and queued.background
     events = list(client.responses.retrieve(queued.id, stream=True))
