@@ -149,6 +149,17 @@ def tool_system_prompt(functions: list[dict], allow_text: bool) -> str:
     return TOOL_PROMPT.format(tools=listing, auto=_AUTO_HINT if allow_text else "")
 
 
+def call_text(name: str, arguments: str | dict) -> str:
+    """A call as tools_grammar makes the model write it (for the history of a conversation): `arguments`
+    as an object, not as the JSON string OpenAI's messages carry it in."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass  # not JSON (a client's own history): kept as the text it is
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
+
+
 # The head of a call under tools_grammar, up to where its arguments begin.
 _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 

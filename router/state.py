@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from starlette.requests import Request
 
 from sluice import modelfiles
 
-from . import schemas
+from . import constraints, schemas
 from .config import RouterSettings
 from .errors import ApiError
 from .metrics import Metrics
@@ -69,9 +68,8 @@ class Router:
         plain = []
         for m in messages:
             content = m.text()
-            if m.tool_calls and not content:  # an earlier call, written as the model was told to write it
-                content = json.dumps([{"name": c.function.name, "arguments": c.function.arguments}
-                                      for c in m.tool_calls])
+            if m.tool_calls and not content:  # earlier calls, each written as the model was told to write one
+                content = "\n".join(constraints.call_text(c.function.name, c.function.arguments) for c in m.tool_calls)
             plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         template = self.tokenizer.chat_template or ""
         extra = {}
