@@ -214,6 +214,8 @@ async def create_response(request: Request) -> Response:
     body = await parse(request, ResponsesRequest)
     store, owner = store_of(request), owner_of(request)
     previous = _stored(store, owner, body.previous_response_id) if body.previous_response_id else None
+    if previous is not None and previous.run is not None and not previous.run.done:
+        raise ApiError(422, "previous_response_id: that response is still in progress (background)")
     items = input_items(body.input)
     if not items:
         raise ApiError(422, "input: must not be empty")

@@ -287,6 +287,20 @@ def test_background_runs_counted_polled_followed_and_cancelled(tiny_llama, token
     run(tiny_llama, tokenizer, check, max_concurrent_requests=1)
 
 
+def test_no_follow_up_on_a_background_response_still_running(tiny_llama, tokenizer):
+    async def check(client, pool):
+        pool.release.clear()
+        running = (await client.post("/v1/responses", json={"input": USER, "background": True})).json()
+        follow_up = await client.post("/v1/responses", json={"previous_response_id": running["id"], "input": "Hi"})
+        assert follow_up.status_code == 422 and "in progress" in follow_up.json()["error"]
+        pool.release.set()
+        events_of(await client.get(f"/v1/responses/{running['id']}", params={"stream": "true"}))  # until it ends
+        follow_up = await client.post("/v1/responses", json={"previous_response_id": running["id"], "input": "Hi"})
+        assert follow_up.status_code == 200 and pool.text in pool.prompt()
+
+    run(tiny_llama, tokenizer, check)
+
+
 def _record(text: str) -> StoredResponse:
     return StoredResponse({"id": "r", "output": []}, [], [{"type": "message", "content": text}])
 
