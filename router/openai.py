@@ -3,7 +3,8 @@
 A handler reads its body, builds its jobs (jobs.py) and a dialect object (ChatDialect, CompletionDialect)
 that knows what one choice looks like whole and which chunks one generated piece becomes; `respond` runs
 the jobs and wraps those choices in the shared envelope, usage and `[DONE]`. The Responses API
-(responses.py) reuses `usage`, `openai_finish` and the structure rules (constraints.structure).
+(responses.py) shares the rest: jobs.openai_job, the structure rules (constraints.structure) and the
+tool-call reader (constraints.ToolCallReader).
 """
 from __future__ import annotations
 
