@@ -99,8 +99,12 @@ async def _chunks(router: Router, jobs: list[Job], dialect: Dialect, head: dict,
 
 
 def _chat_logprobs(pieces: list[tuple[dict, list[dict] | None]]) -> dict:
-    return {"content": [{**_logprob_entry(t), "top_logprobs": [_logprob_entry(x) for x in top or []]}
-                        for t, top in pieces]}
+    return {"content": token_logprobs(pieces)}
+
+
+def token_logprobs(pieces: list[tuple[dict, list[dict] | None]]) -> list[dict]:
+    """OpenAI's per-token logprob entries (chat's `logprobs.content`, the Responses API's `logprobs`)."""
+    return [{**_logprob_entry(t), "top_logprobs": [_logprob_entry(x) for x in top or []]} for t, top in pieces]
 
 
 def _logprob_entry(token: dict) -> dict:

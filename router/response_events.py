@@ -50,14 +50,18 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
     yield seq.event("response.in_progress", response=draft.object("in_progress", []))
     gen = Generation(prompt_tokens=draft.prompt_tokens)
     reader = constraints.ToolCallReader() if draft.tools else None
+    pending: list[dict] = []  # logprobs of tokens whose text is not out yet (go with the next delta)
     if reader is None:
         for event in _message_opening(seq, 0, draft.message("", "in_progress")):
             yield event
     try:
         async for piece in router.textgen.generate(job.request, job.stops, True, gen):
             if reader is None:
+                if piece.token:
+                    pending += draft.logprobs([piece.token], [piece.top_tokens])
                 if piece.text:
-                    yield _text_delta(seq, draft.message_id, 0, piece.text)
+                    yield _text_delta(seq, draft.message_id, 0, piece.text, pending)
+                    pending = []
                 continue
             for event in _call_progress(seq, draft, reader, piece.text, bool(piece.finish_reason)):
                 yield event
@@ -74,7 +78,7 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
             for event in _message_opening(seq, index, {**item, "status": "in_progress", "content": []}):
                 yield event
             if item["content"][0]["text"]:
-                yield _text_delta(seq, item["id"], index, item["content"][0]["text"])
+                yield _text_delta(seq, item["id"], index, item["content"][0]["text"], [])
         for event in _closing(seq, index, item):
             yield event
     status = draft.status(gen)
@@ -98,9 +102,9 @@ def _call_progress(seq: Sequence, draft: Draft, reader: constraints.ToolCallRead
                         delta=arguments)
 
 
-def _text_delta(seq: Sequence, item_id: str, index: int, text: str) -> dict:
+def _text_delta(seq: Sequence, item_id: str, index: int, text: str, logprobs: list[dict]) -> dict:
     return seq.event("response.output_text.delta", item_id=item_id, output_index=index, content_index=0,
-                     delta=text, logprobs=[])
+                     delta=text, logprobs=logprobs)
 
 
 def _message_opening(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
@@ -113,7 +117,7 @@ def _closing(seq: Sequence, index: int, item: dict) -> Iterator[dict]:
     if item["type"] == "message":
         part = item["content"][0]
         yield seq.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                        text=part["text"], logprobs=[])
+                        text=part["text"], logprobs=part["logprobs"])
         yield seq.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                         part=part)
     else:

@@ -29,7 +29,8 @@ from .generation import Generation, collect, guarded, in_app
 from .jobs import Job, openai_job
 from .response_events import stream_events
 from .response_store import ResponseStore, StoredResponse
-from .responses_schemas import InputItem, ResponsesRequest
+from .openai import token_logprobs
+from .responses_schemas import LOGPROBS, InputItem, ResponsesRequest
 from .sse import EventStream
 from .state import Router, router_of
 
@@ -164,29 +165,34 @@ class Draft:
     def output(self, gen: Generation) -> list[dict]:
         """The finished output: one function_call item, or one message (text, or a `no_tool` answer)."""
         status = self.status(gen)
-        text = gen.text
-        if self.tools:
+        if self.tools:  # the tokens are the call's JSON, not the text: no logprobs for a text answer
             content, calls = constraints.parse_tool_call(gen.text, self.call_id)
             if calls:
                 return [self.call(c["function"]["name"], c["function"]["arguments"], status) for c in calls]
-            text = content or ""
-        return [self.message(text, status)]
+            return [self.message(content or "", status)]
+        return [self.message(gen.text, status, self.logprobs(gen.tokens, gen.top_tokens))]
+
+    def logprobs(self, tokens: list[dict], tops: list[list[dict]] | None) -> list[dict]:
+        """The `include`d logprobs of some tokens (none unless asked for)."""
+        if not self.body.logprobs:
+            return []
+        return token_logprobs(list(zip(tokens, tops or [None] * len(tokens))))
 
     def call(self, name: str, arguments: str, status: str) -> dict:
         return {"id": self.call_item_id, "type": "function_call", "status": status, "call_id": self.call_id,
                 "name": name, "arguments": arguments}
 
-    def message(self, text: str, status: str) -> dict:
+    def message(self, text: str, status: str, logprobs: list[dict] | None = None) -> dict:
         return {"id": self.message_id, "type": "message", "role": "assistant", "status": status,
-                "content": [output_text(text)] if status != "in_progress" else []}
+                "content": [output_text(text, logprobs or [])] if status != "in_progress" else []}
 
     @staticmethod
     def status(gen: Generation) -> str:
         return "incomplete" if gen.finish_reason is FinishReason.LENGTH else "completed"
 
 
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[dict]) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
 
 @dataclass
@@ -224,7 +230,10 @@ async def create_response(request: Request) -> Response:
     prompt = router.chat_prompt(chat_messages(body.instructions, context), shape.functions or None,
                                 shape.system_prompt())
     ids = router.encode(prompt, add_special_tokens=False)  # the template already placed them
-    job = openai_job(router, body, ids, prompt, body.max_output_tokens, 0, shape.grammar)
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(422, f"top_logprobs: needs include {LOGPROBS}")
+    top_n = (body.top_logprobs or 0) if body.logprobs else 0
+    job = openai_job(router, body, ids, prompt, body.max_output_tokens, top_n, shape.grammar)
     job.tools = shape.tools
     draft = Draft(body, router.model_id, len(ids), job.tools)
     keeper = Keeper(store, owner, body.store is not False, items, context)

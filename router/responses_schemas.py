@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .schemas import NewTokens, OpenAISampling, _Body, _must_be_unset
 
+LOGPROBS = "message.output_text.logprobs"  # the one `include` this server can honour
 TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output")
 ROLES = ("user", "system", "developer", "assistant")
@@ -112,18 +113,23 @@ class ResponsesRequest(OpenAISampling):
     # Known, and refused unless unset: what this server does not do.
     reasoning: Any = None
     include: list[str] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     conversation: Any = None
     prompt: Any = None
 
-    _unsupported = field_validator("top_logprobs", "conversation", "prompt")(_must_be_unset)
+    _unsupported = field_validator("conversation", "prompt")(_must_be_unset)
 
     @field_validator("include")
     @classmethod
-    def _nothing_included(cls, include: list[str] | None) -> list[str] | None:
-        if include:
-            raise ValueError(f"{', '.join(include)}: not available from this server")
+    def _logprobs_only(cls, include: list[str] | None) -> list[str] | None:
+        other = [i for i in include or [] if i != LOGPROBS]
+        if other:
+            raise ValueError(f"{', '.join(other)}: not available from this server (only {LOGPROBS})")
         return include
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS in (self.include or [])
 
     @field_validator("reasoning")
     @classmethod

@@ -54,7 +54,9 @@ REFUSED = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"background": True, "store": False}, "background"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["file_search_call.results"]}, "file_search_call.results"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 21, "include": ["message.output_text.logprobs"]}, "top_logprobs"),
     ({"truncation": "auto"}, "truncation"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
@@ -108,6 +110,25 @@ def test_streamed_text_events_in_order(tiny_llama, tokenizer):
         whole = (await client.post("/v1/responses", json={"input": USER})).json()
         assert whole["output"][0]["content"][0]["text"] == pool.text and whole["status"] == "completed"
         assert whole["usage"] == {**final["usage"]}
+
+    run(tiny_llama, tokenizer, check)
+
+
+def test_logprobs_when_included(tiny_llama, tokenizer):
+    async def check(client, pool):
+        body = {"input": USER, "include": ["message.output_text.logprobs"], "top_logprobs": 2}
+        part = (await client.post("/v1/responses", json=body)).json()["output"][0]["content"][0]
+        n = len(tokenizer(pool.text, add_special_tokens=False).input_ids)
+        assert len(part["logprobs"]) == n and all(lp["logprob"] == -0.5 for lp in part["logprobs"])
+        assert "".join(lp["token"] for lp in part["logprobs"]) == part["text"] == pool.text
+        assert pool.requests[-1].top_n_tokens == 2
+        events = events_of(await client.post("/v1/responses", json={**body, "stream": True}))
+        deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+        assert [lp for d in deltas for lp in d["logprobs"]] == part["logprobs"]
+        done = next(e for e in events if e["type"] == "response.output_text.done")
+        assert done["logprobs"] == part["logprobs"]
+        plain = (await client.post("/v1/responses", json={"input": USER})).json()
+        assert plain["output"][0]["content"][0]["logprobs"] == [] and pool.requests[-1].top_n_tokens == 0
 
     run(tiny_llama, tokenizer, check)
 
