@@ -30,9 +30,14 @@ def client(server):
 
 
 def test_create_streamed_equals_not_streamed(client):
-    whole = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=8, temperature=0)
+    whole = client.responses.create(model="tgi", input=PROMPT, max_output_tokens=8, temperature=0,
+                                    include=["message.output_text.logprobs"], top_logprobs=2)
     assert whole.status in ("completed", "incomplete") and whole.output_text
     assert whole.usage.output_tokens <= 8 and whole.usage.total_tokens == whole.usage.input_tokens + whole.usage.output_tokens
+    logprobs = whole.output[0].content[0].logprobs
+    assert len(logprobs) == whole.usage.output_tokens and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+    # Greedy: each token is its step's likeliest.
+    assert [lp.logprob for lp in logprobs] == pytest.approx([lp.top_logprobs[0].logprob for lp in logprobs], abs=1e-3)
     events = list(client.responses.create(model="tgi", input=PROMPT, max_output_tokens=8, temperature=0,
                                           stream=True))
     assert [e.sequence_number for e in events] == list(range(len(events)))
