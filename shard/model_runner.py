@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -92,6 +94,16 @@ class ModelRunner:
         manager never hands out, so this may run in a thread of its own while the engine serves."""
         if self._compiler is None:
             return
+        if background:
+            # Serving comes first: the lowest CPU priority for this thread (Linux nices threads one
+            # by one), and inductor's kernel compiles in this process instead of a worker per core.
+            import torch._inductor.config
+
+            torch._inductor.config.compile_threads = 1
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
         try:
             self._warm_up(self._compiler)
         except Exception:
