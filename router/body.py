@@ -86,13 +86,15 @@ async def parse(request: Request, model: type[BaseModel]):
 
 
 def _within(names: list[str], limit: int) -> list[str]:
-    """The names that fit in `limit` characters joined by commas, then "..." if some did not. Each name is
-    already percent-encoded: a client's field name may hold any character (a control character in a header
-    makes the server drop the connection), and the comma that separates them is encoded inside a name."""
-    kept, size = [], 0
+    """The names, or as many as fit in `limit` characters with a last "..." saying some were left out.
+    Each is already percent-encoded: a client's field name may hold any character (a control character
+    in a header makes the server drop the connection), and a comma inside a name is encoded."""
+    if len(",".join(names)) <= limit:
+        return names
+    kept, size = [], len(",...")
     for name in names:
         size += len(name) + 1
         if size > limit:
-            return [*kept, "..."]
+            break
         kept.append(name)
-    return kept
+    return [*kept, "..."]

@@ -87,9 +87,7 @@ def _responses(e) -> dict:
     ok = {"description": "OK", "headers": {**_HEADERS, **(_IGNORED if e.body else {})}, "content": content}
     out = {"200": ok,
            "401": _error("with --api-key: a missing or wrong key (never on /health and /metrics)"),
-           "503": _error("shutting down (draining); on /health also: no shard answered")}
-    if e.path == "/health":
-        out["503"] = {**out["503"], "content": {"application/json": {"schema": _ref("Health")}}}
+           "503": _error("shutting down (draining); on /health also: no shard answered (then with `shards`)")}
     if e.body is not None:
         out["413"] = _error("the body is larger than --max-body-bytes")
         out["422"] = _error("the body is not valid JSON, or a field is out of range or unsupported")
