@@ -42,19 +42,21 @@ class Endpoint:
     kind: str = "json"  # what 200 answers: json, sse, both (json or sse), html, text
     generation: bool = False  # counted against max_concurrent_requests by Admission
     returns: str | None = None  # the JSON body's schema: a name in openapi.ANSWERS
+    events: str | None = None  # a stream's events: a name in openapi.EVENTS
 
 
 ENDPOINTS: list[Endpoint] = [
     Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
-             "both", generation=True, returns="GenerateResponses"),
+             "both", generation=True, returns="GenerateResponses", events="TgiEvent"),
     Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True,
              returns="GenerateResponse"),
     Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
-             "sse", generation=True),
+             "sse", generation=True, events="TgiEvent"),
     Endpoint("/v1/chat/completions", "POST", chat_completions, "OpenAI chat completions",
-             schemas.ChatCompletionRequest, "both", generation=True, returns="ChatCompletion"),
+             schemas.ChatCompletionRequest, "both", generation=True, returns="ChatCompletion",
+             events="ChatCompletionEvent"),
     Endpoint("/v1/completions", "POST", completions, "OpenAI completions", schemas.CompletionRequest, "both",
-             generation=True, returns="Completion"),
+             generation=True, returns="Completion", events="CompletionEvent"),
     Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest, returns="Tokens"),
     Endpoint("/v1/models", "GET", models, "the served model", returns="Models"),
     Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503", returns="Health"),

@@ -3,8 +3,8 @@
 Request schemas come from the pydantic bodies (router/schemas.py), all generated together so that their
 nested models land once in `components/schemas` and every `$ref` points there (pydantic alone would write
 `#/$defs/...`, which resolves against the document's root, where there is no `$defs`). Answers are
-described here: each route's 200 body by name (Endpoint.returns), and the one error body every refusal
-uses. Shapes are open (extra keys allowed) where clients are told to ignore what they do not know.
+described here: each route's 200 body by name (Endpoint.returns), its stream's events (Endpoint.events),
+and the one error body every refusal uses. Shapes are open (extra keys allowed) where clients are told to ignore what they do not know.
 """
 from __future__ import annotations
 
@@ -61,7 +61,35 @@ ANSWERS: dict[str, dict] = {
                  max_concurrent_requests=_INT, max_best_of=_INT, max_stop_sequences=_INT, max_input_tokens=_INT,
                  max_total_tokens=_INT, max_top_n_tokens=_INT, num_shard=_INT, version=_STR),
     "OpenAPI": _obj(["openapi", "info", "paths"], openapi=_STR, info={"type": "object"}, paths={"type": "object"}),
+    # Stream payloads: one per `data:` line; a failure after the stream began is an Error payload instead.
+    "StreamToken": _obj(
+        ["index", "token", "generated_text", "details"], index=_INT, generated_text=_nullable(_STR),
+        details=_nullable({"type": "object"}),
+        token=_obj(["id", "text", "logprob", "special"], id=_INT, text=_STR, logprob={"type": "number"},
+                   special=_BOOL)),
+    "ChatCompletionChunk": _obj(
+        ["id", "object", "created", "model", "choices"], id=_STR, object={"const": "chat.completion.chunk"},
+        created=_INT, model=_STR, usage=_nullable(_USAGE),
+        choices={"type": "array", "items": _obj(["index", "delta"], index=_INT, delta={"type": "object"},
+                                                finish_reason=_FINISH)}),
+    "CompletionChunk": _obj(
+        ["id", "object", "created", "model", "choices"], id=_STR, object={"const": "text_completion"},
+        created=_INT, model=_STR, usage=_nullable(_USAGE),
+        choices={"type": "array", "items": _obj(["index", "text"], index=_INT, text=_STR, finish_reason=_FINISH)}),
 }
+
+
+def _event(payload: str, done: bool) -> dict:
+    """One server-sent event (OpenAPI before 3.2: the event-stream `schema` describes each event): a `data`
+    line holding a JSON payload, or, on the /v1 routes, the last one: `[DONE]`."""
+    json_data = {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [_ref(payload), _ref("Error")]}}
+    data = {"if": {"const": "[DONE]"}, "else": json_data} if done else json_data
+    return _obj(["data"], data=data)
+
+
+EVENTS = {"TgiEvent": _event("StreamToken", done=False), "ChatCompletionEvent": _event("ChatCompletionChunk", done=True),
+          "CompletionEvent": _event("CompletionChunk", done=True)}
 
 # Every answer carries its request id (admission.py); a route with a body may name the fields it ignored.
 _HEADERS = {"X-Request-Id": {"required": True, "schema": _STR, "description": "the client's id or a new one"}}
@@ -82,7 +110,9 @@ def _responses(e) -> dict:
     for media in _MEDIA[e.kind]:
         if media == "application/json":
             content[media] = {"schema": _ref(e.returns) if e.returns else {}}
-        else:  # one `data: <json>` line and a blank line per event; plain text, HTML
+        elif media == "text/event-stream":
+            content[media] = {"schema": _ref(e.events) if e.events else {}}
+        else:
             content[media] = {"schema": _STR}
     ok = {"description": "OK", "headers": {**_HEADERS, **(_IGNORED if e.body else {})}, "content": content}
     out = {"200": ok,
@@ -103,7 +133,7 @@ def openapi_schema() -> dict:
     bodies = list(dict.fromkeys(e.body for e in ENDPOINTS if e.body is not None))
     refs, defs = models_json_schema([(b, "validation") for b in bodies], ref_template=REF)
     request_schemas = defs.get("$defs", {})
-    assert not request_schemas.keys() & ANSWERS.keys(), "a body model and an answer share a name"
+    assert not request_schemas.keys() & (ANSWERS.keys() | EVENTS.keys()), "a body model and an answer share a name"
     paths: dict = {}
     for e in ENDPOINTS:
         op: dict = {"summary": e.summary, "operationId": e.handler.__name__, "responses": _responses(e)}
@@ -115,5 +145,5 @@ def openapi_schema() -> dict:
         "info": {"title": "Sluice", "version": sluice.__version__,
                  "description": "TGI- and OpenAI-compatible text generation"},
         "paths": paths,
-        "components": {"schemas": {**request_schemas, **ANSWERS}},
+        "components": {"schemas": {**request_schemas, **ANSWERS, **EVENTS}},
     }

@@ -4,8 +4,6 @@ each started once per session, and `smol`, a router on the embedded SmolLM2 with
 same shard (module-scoped), which costs a tokenizer load, not a model load."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from inprocess import EventLoopThread, InProcessRouter, InProcessShard
@@ -21,8 +19,6 @@ def router_loop():
 @pytest.fixture(scope="session")
 def smol_shard(tmp_path_factory):
     """The embedded SmolLM2 (bf16), as `sluice serve` runs it: for tests that need text a model writes."""
-    # The converted GGUF tokenizer is cached where the e2e servers of this session cache it.
-    os.environ.setdefault("SLUICE_CACHE", str(tmp_path_factory.getbasetemp() / "sluice-cache"))
     shard = InProcessShard(tmp_path_factory.mktemp("smol-shard"), max_batch_total_tokens=8192)
     yield shard
     shard.stop()
