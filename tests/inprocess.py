@@ -33,6 +33,9 @@ class InProcessShard:
 
         self.model_id = model_id
         self.address = f"unix://{tmp / 'shard.sock'}"
+        # Eager, as the e2e servers run (COMPILE=0 in tests/conftest.py): a background compile would spend
+        # minutes of the test process's cores on speed no test here measures.
+        settings.setdefault("compile", False)
         shard_settings = ShardSettings(model_id=model_id, address=self.address, **settings)
         source = resolve(model_id)
         self.engine = build_engine(shard_settings, source)
