@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -82,6 +83,11 @@ ENDPOINTS: list[Endpoint] = [
 GENERATION_ROUTES = {e.path for e in ENDPOINTS if e.generation}
 
 
+async def _by_method(handlers: dict[str, Callable], request: Request) -> Response:
+    # Starlette answers HEAD on GET routes (and only lets through the methods the route lists).
+    return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+
 async def on_api_error(request: Request, exc: ApiError) -> Response:
     # After a 413 the rest of the body is unread: close rather than read it to reach the next request.
     return error_response(exc.status, exc.message, exc.error_type, {"Connection": "close"} if exc.status == 413 else None)
@@ -102,7 +108,11 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
             if router.owns_pool and router.pool is not None:
                 await router.pool.close()
 
-    routes = [Route(e.path, e.handler, methods=[e.method]) for e in ENDPOINTS]
+    # One Starlette route per path, so that a 405's Allow header names every method the path takes.
+    by_path: dict[str, dict[str, Callable]] = {}
+    for e in ENDPOINTS:
+        by_path.setdefault(e.path, {})[e.method] = e.handler
+    routes = [Route(path, partial(_by_method, handlers), methods=list(handlers)) for path, handlers in by_path.items()]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
     app.state.router = router
     app.state.load = load

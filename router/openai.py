@@ -113,7 +113,11 @@ def _logprob_entry(token: dict) -> dict:
 
 def chat_structure(body: schemas.ChatCompletionRequest) -> constraints.Structure:
     choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
-    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    named = None
+    if isinstance(choice, dict):
+        named = choice["function"].get("name") if isinstance(choice.get("function"), dict) else None
+        if not isinstance(named, str):
+            raise ApiError(422, "tool_choice.function.name: required for a named function")
     fmt = body.response_format
     return constraints.structure(
         [t.function.model_dump() for t in body.tools or []], "function" if named else choice, named,
