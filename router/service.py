@@ -81,7 +81,7 @@ def openapi_schema() -> dict:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": e.body.model_json_schema()}}}
             op["responses"].update(errors)
-        paths[e.path] = {e.method.lower(): op}
+        paths.setdefault(e.path, {})[e.method.lower()] = op  # `/`: TGI's POST and the page's GET
     return {
         "openapi": "3.1.0",
         "info": {"title": "Sluice", "version": sluice.__version__,
