@@ -12,7 +12,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sluice.logs import METADATA_KEY, REQUEST_ID
 
-from .errors import error_response
+from . import deadline
+from .errors import ApiError, error_response
 from .metrics import Metrics
 from .tenants import CURRENT, Tenants
 
@@ -93,6 +94,11 @@ class Admission:
                 message, retry_after = refusal
                 return await error_response(429, message, "overloaded", {"Retry-After": str(retry_after)})(
                     scope, receive, send_and_note)
+            if deadline.DEADLINE_HEADER in headers:
+                try:
+                    deadline.HEADER_AT.set(deadline.parse_header(headers[deadline.DEADLINE_HEADER]))
+                except ApiError as exc:
+                    return await error_response(exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
             CURRENT.set(usage)  # the handler, its stream and the shard request read the tenant from here
             await self._admitted(route, usage, scope, receive, send_and_note)
         finally:
