@@ -94,13 +94,18 @@ class Admission:
                 message, retry_after = refusal
                 return await error_response(429, message, "overloaded", {"Retry-After": str(retry_after)})(
                     scope, receive, send_and_note)
-            if deadline.DEADLINE_HEADER in headers:
-                try:
-                    deadline.HEADER_AT.set(deadline.parse_header(headers[deadline.DEADLINE_HEADER]))
-                except ApiError as exc:
-                    return await error_response(exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
-            CURRENT.set(usage)  # the handler, its stream and the shard request read the tenant from here
-            await self._admitted(route, usage, scope, receive, send_and_note)
+            try:
+                at = deadline.parse_header(headers[deadline.DEADLINE_HEADER]) if deadline.DEADLINE_HEADER in headers \
+                    else None
+            except ApiError as exc:
+                return await error_response(exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
+            # The handler, its stream and the shard request read the tenant and the deadline from here.
+            tokens = CURRENT.set(usage), deadline.AT.set(at)
+            try:
+                await self._admitted(route, usage, scope, receive, send_and_note)
+            finally:
+                CURRENT.reset(tokens[0])
+                deadline.AT.reset(tokens[1])
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
             if generation:

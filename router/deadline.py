@@ -30,8 +30,9 @@ from typing import TypeVar
 from .errors import ApiError
 
 DEADLINE_HEADER = b"x-request-deadline"
-# The header's deadline (monotonic seconds), set by Admission for the request's handler.
-HEADER_AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+# The current request's deadline (monotonic seconds): set by Admission from the header, lowered by
+# router/jobs.py to the body's when that is sooner, read by the token loop (router/generation.py).
+AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
 class DeadlinePassed(RuntimeError):
@@ -59,9 +60,11 @@ def parse_header(value: bytes) -> float:
 
 
 def deadline_at(body_seconds: float | None) -> float | None:
-    """The request's deadline (monotonic seconds): the sooner of the header's and the body's."""
-    times = [t for t in (HEADER_AT.get(), None if body_seconds is None else time.monotonic() + body_seconds) if t]
-    return min(times, default=None)
+    """The request's deadline (monotonic seconds), the sooner of the header's and the body's; kept in AT."""
+    times = [t for t in (AT.get(), None if body_seconds is None else time.monotonic() + body_seconds) if t]
+    at = min(times, default=None)
+    AT.set(at)
+    return at
 
 
 def first_token_s(replicas: Iterable, priority: int, tenant: str, prompt_tokens: int) -> float | None:
