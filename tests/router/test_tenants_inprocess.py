@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.app import create_app
 from router.config import RouterSettings
@@ -27,9 +28,12 @@ def auth(key: str) -> dict[str, str]:
 
 
 def metric(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    line = next((ln for ln in text.splitlines() if ln.startswith(f"{name}{{{want}}} ")), None)
-    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+    """A sample's value from the exposition format (labels in any order), 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
 def test_a_tenant_over_its_concurrency_is_refused_and_others_are_not(tiny_llama, tmp_path):
