@@ -43,7 +43,7 @@ def test_streamed_pane_grows_before_the_whole_answer_arrives(browser, server):
     page.goto(server + "/")
     assert "Streaming, side by side" in page.title() + page.content()
     page.fill("#prompt", "Write a short story about a lighthouse keeper who finds a message in a bottle.")
-    page.fill("#max", "64")
+    page.fill("#max", "24")
     page.click("#go")
     lengths: list[int] = []  # the streamed pane's text length at each observation, while the other is empty
     shot = False
