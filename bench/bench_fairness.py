@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import time
@@ -34,10 +35,11 @@ FLOOD_PROMPT = "Write a long, detailed essay about the history of rivers, canals
 B_PROMPT = "What is the capital of France?"
 
 
-async def stream(client: httpx.AsyncClient, url: str, tenant: str, prompt: str, tokens: int) -> tuple[float | None, int]:
-    """One streamed request: (seconds to its first token, tokens received)."""
+async def stream(client: httpx.AsyncClient, url: str, tenant: str, prompt: str, tokens: int,
+                 served: list[int]) -> float | None:
+    """One streamed request: seconds to its first token; every token received is counted in `served[0]`."""
     body = {"inputs": prompt, "parameters": {"max_new_tokens": tokens}}
-    start, first, count = time.perf_counter(), None, 0
+    start, first = time.perf_counter(), None
     async with client.stream("POST", url + "/generate_stream", json=body, headers={"X-Tenant": tenant}) as r:
         if r.status_code != 200:
             await r.aread()
@@ -48,10 +50,10 @@ async def stream(client: httpx.AsyncClient, url: str, tenant: str, prompt: str, 
             event = json.loads(line[5:])
             if "error" in event:
                 raise RuntimeError(event["error"])
-            count += 1
+            served[0] += 1
             if first is None:
                 first = time.perf_counter() - start
-    return first, count
+    return first
 
 
 async def phase(url: str, flood: int, b_tenant: str, args: argparse.Namespace) -> dict:
@@ -64,17 +66,16 @@ async def phase(url: str, flood: int, b_tenant: str, args: argparse.Namespace) -
 
         async def flooder() -> None:
             while not stop.is_set():
-                tokens[0] += (await stream(client, url, "A", FLOOD_PROMPT, args.tokens))[1]
+                await stream(client, url, "A", FLOOD_PROMPT, args.tokens, tokens)
 
         async def lone() -> float:
-            ttft, n = await stream(client, url, b_tenant, B_PROMPT, args.b_tokens)
-            tokens[0] += n
-            return ttft
+            return await stream(client, url, b_tenant, B_PROMPT, args.b_tokens, tokens)
 
         floods = [asyncio.create_task(flooder()) for _ in range(flood)]
         if flood:
             await asyncio.sleep(args.warmup)  # let the flood fill the batch first
         start, b = time.perf_counter(), []
+        tokens[0] = 0  # throughput counts from here
         while time.perf_counter() - start < args.duration:
             b.append(asyncio.create_task(lone()))
             await asyncio.sleep(args.every)
@@ -83,7 +84,7 @@ async def phase(url: str, flood: int, b_tenant: str, args: argparse.Namespace) -
         stop.set()
         await asyncio.gather(*floods)
     ttfts = sorted(t for t in ttfts if t is not None)
-    return {"b_ttft_p50": statistics.median(ttfts), "b_ttft_p90": ttfts[int(0.9 * (len(ttfts) - 1))],
+    return {"b_ttft_p50": statistics.median(ttfts), "b_ttft_p90": ttfts[math.ceil(0.9 * len(ttfts)) - 1],
             "b_requests": len(ttfts), "tokens_per_s": served / wall}
 
 
