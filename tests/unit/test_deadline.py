@@ -90,3 +90,15 @@ def test_a_stream_ends_when_its_deadline_passes():
         assert got == [1] and closed.is_set()  # the shard call behind it is closed, not left running
 
     asyncio.run(run())
+
+
+def test_the_shard_measures_prefill_and_decode_apart():
+    from shard.rates import MIN_PREFILL_TOKENS, StepRates
+
+    rates = StepRates()
+    rates.observe(0, 0.05)
+    rates.observe(MIN_PREFILL_TOKENS - 1, 9.0)  # a few prompt tokens: says little about either rate
+    rates.observe(200, 0.5)
+    assert rates.decode_step_s == pytest.approx(0.05) and rates.prefill_tokens_per_s == pytest.approx(400)
+    rates.observe(0, 0.15)
+    assert 0.05 < rates.decode_step_s < 0.15  # a moving average, not the last step alone
