@@ -118,9 +118,9 @@ def test_joining_an_idle_engine_levels_with_the_most_served():
 
 
 def test_preemption_takes_from_the_most_served_tenant():
-    # 6 blocks of 4 tokens; three 8-token prompts take 2 blocks each, so the first decode step needs a
+    # 6 usable blocks of 4 tokens (block 0 is reserved); three 8-token prompts take 2 blocks each, so the first decode step needs a
     # block that only preempting someone frees.
-    sched = scheduler(blocks=6, block_size=4)
+    sched = scheduler(blocks=7, block_size=4)
     a, b, c = seq("A", max_new=8), seq("B", max_new=8), seq("C", max_new=8)
     for s in (a, b, c):
         sched.add(s)
@@ -135,7 +135,7 @@ def test_preemption_takes_from_the_most_served_tenant():
 
 
 def test_a_preempted_prompt_is_not_charged_twice():
-    sched = scheduler(blocks=6, block_size=4)
+    sched = scheduler(blocks=7, block_size=4)
     seqs = [seq(t, max_new=8) for t in "ABC"]
     for s in seqs:
         sched.add(s)
