@@ -50,7 +50,7 @@ class Endpoint:
 ENDPOINTS: list[Endpoint] = [
     Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
              "both", generation=True, returns="GenerateResponses", events="TgiEvent"),
-    Endpoint("/", "GET", demo_page, "the streaming demo page, for browsers (Accept: text/html)", kind="html"),
+    Endpoint("/", "GET", demo_page, "the streaming demo page, for browsers", kind="html"),
     Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True,
              returns="GenerateResponse"),
     Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
