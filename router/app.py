@@ -24,12 +24,14 @@ from .config import RouterSettings
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openai import chat_completions, completions
+from .page import demo_page
 from .pool import ShardPool
 from .response_store import ResponseStore
 from .responses import cancel_response, create_response, delete_response, list_input_items, retrieve_response
 from .responses_schemas import ResponsesRequest
 from .service import docs, health, info, metrics, models, openapi, openapi_schema, tokenize
 from .state import Router
+from .tenants import Tenants
 from .tgi import tgi_compat, tgi_generate, tgi_generate_stream
 
 
@@ -52,6 +54,7 @@ class Endpoint:
 ENDPOINTS: list[Endpoint] = [
     Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
              "both", generation=True, returns="GenerateResponses", events="TgiEvent"),
+    Endpoint("/", "GET", demo_page, "the streaming demo page, for browsers", kind="html"),
     Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True,
              returns="GenerateResponse"),
     Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
@@ -81,6 +84,8 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/docs", "GET", docs, "a page pointing at this document", kind="html"),
 ]
 GENERATION_ROUTES = {e.path for e in ENDPOINTS if e.generation}
+# Answered without an API key: probes, scrapers, and the demo page (which asks for the key itself).
+OPEN_ROUTES = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/")}
 
 
 async def _by_method(handlers: dict[str, Callable], request: Request) -> Response:
@@ -98,6 +103,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     metrics_ = Metrics()
     router = Router(settings, metrics_, pool)
     load = Load()
+    tenants = Tenants(settings.api_key, settings.api_keys_file, metrics_)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -117,9 +123,10 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     app.state.router = router
     app.state.load = load
     app.state.responses = ResponseStore(settings.responses_store_max, settings.responses_store_bytes)
+    app.state.tenants = tenants  # server.py rereads the keys file on SIGHUP
     app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
                        generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},
-                       api_key=settings.api_key, load=load)
+                       tenants=tenants, load=load, open_routes=OPEN_ROUTES)
     return app
 
 
