@@ -34,7 +34,8 @@ ROUTES = {
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("streams"), sse_keepalive=0.2, max_concurrent_requests=64,
+    # float32: streams sharing a batch pick the same greedy tokens as the references run alone.
+    srv = Server(tmp_path_factory.mktemp("streams"), sse_keepalive=0.2, max_concurrent_requests=64, dtype="float32",
                  stream_buffer_bytes=PER_STREAM, stream_buffer_total_bytes=TOTAL)
     yield srv
     srv.stop()
