@@ -216,9 +216,11 @@ def llamacpp_cmd(binary: Path, model: Path, port: int, ctx: int, parallel: int) 
     return [c for c in cmd if c != "--no-webui" or "--no-webui" in help_text]
 
 
-def sluice_cmd(port: int, flags: str) -> list[str]:
+def sluice_cmd(port: int, flags: str, max_total: int) -> list[str]:
+    # Request limits (not speed knobs) raised so the long-prompt and prefix scenarios fit, as llama.cpp's
+    # --ctx-size is; the defaults (TGI's 1024/2048) would refuse a 1,500-token prompt.
     return [sys.executable, "-m", "sluice", "serve", "--hostname", "127.0.0.1", "--port", str(port),
-            *shlex.split(flags)]
+            "--max-input-tokens", str(max_total - 1), "--max-total-tokens", str(max_total), *shlex.split(flags)]
 
 
 # --- load generator --------------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def main() -> None:
             extra = flags + (f" --model-id {shlex.quote(args.model_id)}" if args.model_id else "")
             name = f"sluice {flags}".strip()
             CACHE.mkdir(parents=True, exist_ok=True)
-            with serving(name, sluice_cmd(port, extra), port, CACHE / f"sluice-{i}.log") as url:
+            with serving(name, sluice_cmd(port, extra, int(per_slot * 1.5) + args.output_tokens + 16), port, CACHE / f"sluice-{i}.log") as url:
                 results[name] = measure(url, args, seed=1)
 
     print(f"\n{args.prompt_tokens}-word prompts, {args.output_tokens} output tokens (ignore_eos), temperature 0; "

@@ -11,14 +11,12 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import grpc
 from starlette.responses import Response
 
-from sluice.pb import shard_pb2
-
+from .contract import FinishReason, ShardRequest, Token
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .pool import ShardError, ShardPool
@@ -116,15 +114,6 @@ class StopMatcher:
         return out
 
 
-class FinishReason(Enum):
-    """The router's one vocabulary for why a generation ended; each dialect maps it once, at its edge
-    (tgi.TGI_FINISH, openai.OPENAI_FINISH)."""
-
-    LENGTH = "length"
-    EOS = "eos"
-    STOP_SEQUENCE = "stop_sequence"  # the router's own: a stop string matched in the text
-
-
 @dataclass
 class Piece:
     """One generated token as a route sees it. `text` is what may be shown now (it can be empty while
@@ -154,9 +143,6 @@ class Generation:
         return sum(t["logprob"] for t in self.tokens)
 
 
-_FINISH = {shard_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH, shard_pb2.FINISH_REASON_EOS: FinishReason.EOS}
-
-
 class TextGenerator:
     def __init__(self, tokenizer, pool: ShardPool, metrics: Metrics) -> None:
         self.tokenizer = tokenizer
@@ -167,14 +153,14 @@ class TextGenerator:
     def token_dict(self, token_id: int, logprob: float, text: str) -> dict:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
 
-    def _top_tokens(self, token: shard_pb2.Token) -> list[dict]:
+    def _top_tokens(self, token: Token) -> list[dict]:
         return [
             self.token_dict(t.id, t.logprob, self.tokenizer.decode([t.id], skip_special_tokens=False))
             for t in token.top_tokens
         ]
 
     async def generate(
-        self, request: shard_pb2.GenerateRequest, stops: list[str], hold_back: bool, gen: Generation
+        self, request: ShardRequest, stops: list[str], hold_back: bool, gen: Generation
     ) -> AsyncIterator[Piece]:
         """Yield one Piece per generated token; the last one has `finish_reason`. Fills `gen` as it goes.
         Returning early (a stop sequence, or the consumer going away) cancels the shard call."""
@@ -204,7 +190,7 @@ class TextGenerator:
                             m.itl.observe((now - last) / len(reply.tokens))
                     last = now
                 # The shard's last message carries the last token and the finish reason (shard.proto).
-                finish = _FINISH.get(reply.finish_reason)
+                finish = reply.finish_reason
                 for i, token in enumerate(reply.tokens):
                     text, stopped = matcher.add(decoder.add(token.id))
                     reason = FinishReason.STOP_SEQUENCE if stopped else \

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
-
-from sluice.pb import shard_pb2
+from dataclasses import dataclass, replace
 
 from . import constraints, schemas
+from .contract import Sampling, ShardRequest
 from .errors import ApiError
 from .state import Router
 
@@ -22,7 +21,7 @@ TGI_DEFAULT_MAX_NEW_TOKENS = 100
 class Job:
     """One validated request, ready for the shard."""
 
-    request: shard_pb2.GenerateRequest
+    request: ShardRequest
     stops: list[str]
     prompt_text: str
     sampled: bool
@@ -32,12 +31,10 @@ class Job:
         """n independent requests for n choices (or best_of candidates): seeds seed, seed+1, ... when the
         request has one (so the whole answer is reproducible), else each its own random seed."""
         out = [self]
+        seed = self.request.params.seed
         for i in range(1, n):
-            request = shard_pb2.GenerateRequest()
-            request.CopyFrom(self.request)
-            request.request_id = f"{self.request.request_id}-{i}"
-            if self.request.params.HasField("seed"):
-                request.params.seed = (self.request.params.seed + i) % 2**64
+            params = replace(self.request.params, seed=None if seed is None else (seed + i) % 2**64)
+            request = replace(self.request, request_id=f"{self.request.request_id}-{i}", params=params)
             out.append(Job(request, self.stops, self.prompt_text, self.sampled, self.tools))
         return out
 
@@ -71,12 +68,12 @@ def check_candidates(n: int, best_of: int, stream: bool, sampled: bool, max_best
                             "greedy candidates would all be the same")
 
 
-def sampling(sampled: bool, temperature: float | None, **params) -> shard_pb2.SamplingParams:
+def sampling(sampled: bool, temperature: float | None, **params) -> Sampling:
     """The one normalization of sampling knobs: unset ones take their neutral value; the temperature
     is 1.0 unless sampling with a non-zero one."""
     neutral = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "typical_p": 1.0}
     given = {k: v for k, v in params.items() if v is not None}
-    return shard_pb2.SamplingParams(
+    return Sampling(
         do_sample=sampled, temperature=temperature if sampled and temperature else 1.0, **{**neutral, **given}
     )
 
@@ -110,7 +107,7 @@ def build_job(router: Router, ids: list[int], prompt_text: str, max_new_tokens: 
     # The tokenizer's eos can be the chat turn end that the model's own eos list lacks; ignore_eos
     # ignores both (stop_token_ids would still finish the sequence, per the proto).
     eos = None if ignore_eos else router.tokenizer.eos_token_id
-    request = shard_pb2.GenerateRequest(
+    request = ShardRequest(
         request_id=uuid.uuid4().hex, input_ids=ids, params=params, max_new_tokens=max_new_tokens,
         stop_token_ids=[eos] if eos is not None else [], ignore_eos=ignore_eos, top_n_tokens=top_n,
         grammar=grammar, prompt_logprobs=prompt_logprobs,

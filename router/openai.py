@@ -13,7 +13,8 @@ import sluice
 from . import constraints, schemas
 from .body import parse
 from .errors import ApiError
-from .generation import FinishReason, Generation, Piece, collect_all, guarded, in_app, interleave
+from .contract import FinishReason
+from .generation import Generation, Piece, collect_all, guarded, in_app, interleave
 from .jobs import check_candidates, completion_prompt, openai_job
 from .sse import EventStream
 from .state import router_of

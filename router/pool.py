@@ -12,17 +12,48 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import grpc
 
-from sluice.pb import shard_pb2, shard_pb2_grpc
 from sluice.logs import METADATA_KEY, REQUEST_ID
+from sluice.pb import shard_pb2, shard_pb2_grpc
+
+from .contract import FinishReason, Reply, ShardHealth, ShardInfo, ShardRequest, Token, TopToken
 
 log = logging.getLogger("sluice.router")
 
 HEALTH_INTERVAL_S = 2.0
 HEALTH_TIMEOUT_S = 2.0
+
+
+_FINISH = {shard_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH, shard_pb2.FINISH_REASON_EOS: FinishReason.EOS}
+
+
+def to_wire(request: ShardRequest) -> shard_pb2.GenerateRequest:
+    wire = asdict(request)
+    if wire["params"]["seed"] is None:  # unset, not 0: the shard picks a seed (shard.proto)
+        del wire["params"]["seed"]
+    return shard_pb2.GenerateRequest(**wire)
+
+
+def _token(t: shard_pb2.Token) -> Token:
+    return Token(t.id, t.logprob, [TopToken(x.id, x.logprob) for x in t.top_tokens])
+
+
+def from_wire(reply: shard_pb2.GenerateResponse) -> Reply:
+    return Reply([_token(t) for t in reply.tokens], _FINISH.get(reply.finish_reason), reply.prompt_tokens,
+                 reply.seed, [_token(t) for t in reply.prefill])
+
+
+def _info(reply: shard_pb2.InfoResponse) -> ShardInfo:
+    info = ShardInfo(**{f.name: getattr(reply, f.name) for f in fields(ShardInfo)})
+    info.eos_token_ids = list(info.eos_token_ids)
+    return info
+
+
+def _health(reply: shard_pb2.HealthResponse | None) -> ShardHealth | None:
+    return None if reply is None else ShardHealth(reply.ok, reply.running, reply.waiting, reply.free_kv_blocks)
 
 
 class ShardUnavailable(RuntimeError):
@@ -42,7 +73,7 @@ class Replica:
     address: str
     channel: grpc.aio.Channel
     stub: shard_pb2_grpc.ShardStub
-    info: shard_pb2.InfoResponse | None = None
+    info: ShardInfo | None = None
     healthy: bool = False
     in_flight: int = 0
     running: int = 0  # sequences in the shard's batch, as of the last health check
@@ -73,7 +104,7 @@ class ShardPool:
         # Channels are created here, inside the running event loop: grpc.aio binds them to it.
         self.replicas = [self._open(a) for a in addresses if not a.startswith("dns:///")]
         self._poller: asyncio.Task | None = None
-        self._info: shard_pb2.InfoResponse | None = None
+        self._info: ShardInfo | None = None
         self._retired: list[Replica] = []  # gone from DNS, closed once their last stream ends
         self._calls: set = set()  # Generate calls in flight, for abort_all
         self._abort_reason: str | None = None
@@ -104,7 +135,7 @@ class ShardPool:
         return Replica(address, channel, shard_pb2_grpc.ShardStub(channel))
 
     @property
-    def info(self) -> shard_pb2.InfoResponse:
+    def info(self) -> ShardInfo:
         return self._info
 
     async def connect(self, timeout_s: float) -> None:
@@ -124,9 +155,9 @@ class ShardPool:
                         f"shard at {replica.address} did not answer within {timeout_s:.0f} s; is it running?"
                     )
                 try:
-                    replica.info = await replica.stub.Info(
+                    replica.info = _info(await replica.stub.Info(
                         shard_pb2.InfoRequest(), timeout=min(left, 10.0), wait_for_ready=True
-                    )
+                    ))
                     replica.healthy = True
                     self._info = self._info or replica.info
                     break
@@ -144,14 +175,14 @@ class ShardPool:
         for replica in self.replicas:
             await replica.channel.close()
 
-    async def _check(self, replica: Replica) -> shard_pb2.HealthResponse | None:
+    async def _check(self, replica: Replica) -> ShardHealth | None:
         try:
-            reply = await replica.stub.Health(shard_pb2.HealthRequest(), timeout=HEALTH_TIMEOUT_S)
+            reply = _health(await replica.stub.Health(shard_pb2.HealthRequest(), timeout=HEALTH_TIMEOUT_S))
         except grpc.aio.AioRpcError:
             reply = None
         if reply and reply.ok and replica.info is None:  # found by DNS after start-up
             try:
-                replica.info = await replica.stub.Info(shard_pb2.InfoRequest(), timeout=HEALTH_TIMEOUT_S)
+                replica.info = _info(await replica.stub.Info(shard_pb2.InfoRequest(), timeout=HEALTH_TIMEOUT_S))
             except grpc.aio.AioRpcError:
                 reply = None
         replica.healthy = bool(reply and reply.ok)
@@ -164,7 +195,7 @@ class ShardPool:
             await asyncio.gather(*(self._check(r) for r in self.replicas))
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
-    async def health(self) -> list[shard_pb2.HealthResponse | None]:
+    async def health(self) -> list[ShardHealth | None]:
         """Ask every replica now (for /health), not the cached poll result."""
         return list(await asyncio.gather(*(self._check(r) for r in self.replicas)))
 
@@ -175,22 +206,23 @@ class ShardPool:
         # With none known healthy, still try: the poller may simply not have seen it come back yet.
         return min(healthy or self.replicas, key=lambda r: r.in_flight)
 
-    async def generate(self, request: shard_pb2.GenerateRequest) -> AsyncIterator[shard_pb2.GenerateResponse]:
+    async def generate(self, request: ShardRequest) -> AsyncIterator[Reply]:
         """Stream one request's tokens. Leaving the loop early (stop sequence, disconnect) cancels the RPC,
         which frees the sequence in the engine. A replica that refuses with UNAVAILABLE before the first
         reply (draining, or gone) hands the request to another healthy one, if there is one."""
+        wire = to_wire(request)
         tried: set[str] = set()
         while True:
             replica = self._pick(tried)
             tried.add(replica.address)
             replica.in_flight += 1
-            call = replica.stub.Generate(request, metadata=((METADATA_KEY, REQUEST_ID.get()),))
+            call = replica.stub.Generate(wire, metadata=((METADATA_KEY, REQUEST_ID.get()),))
             self._calls.add(call)
             started = False
             try:
                 async for reply in call:
                     started = True
-                    yield reply
+                    yield from_wire(reply)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:

@@ -8,7 +8,8 @@ from starlette.responses import JSONResponse, Response
 
 from . import schemas
 from .body import parse
-from .generation import FinishReason, Generation, collect_all, guarded, in_app
+from .contract import FinishReason
+from .generation import Generation, collect_all, guarded, in_app
 from .jobs import Job, tgi_job
 from .sse import EventStream
 from .state import Router, router_of

@@ -49,10 +49,10 @@ def allocate_kv_caches(model: LlamaModel, num_slots: int) -> list[tuple[torch.Te
     # tensor-parallel rank holds only its own KV heads. zero_() writes every page now: a lazily
     # mapped cache would grow the process's resident memory block by block under load, up to the
     # whole cache, and an out-of-memory would come late instead of at start-up.
-    cfg, w = model.cfg, model.embed_tokens
+    cfg, device = model.cfg, model.embed_tokens.device
     shape = (num_slots, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
-    return [(torch.empty(shape, dtype=w.dtype, device=w.device).zero_(),
-             torch.empty(shape, dtype=w.dtype, device=w.device).zero_()) for _ in range(cfg.num_layers)]
+    return [(torch.empty(shape, dtype=model.dtype, device=device).zero_(),
+             torch.empty(shape, dtype=model.dtype, device=device).zero_()) for _ in range(cfg.num_layers)]
 
 
 def compile_decode(model: LlamaModel) -> Callable:

@@ -101,6 +101,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T: w in the compute dtype, or int8 with one scale per output row (--quantize int8, see
+    shard/models/quantize.py): half the bytes a decode step reads, through ATen's int8 GEMM."""
+    if scale is None:
+        return F.linear(x, w, bias)
+    out = torch.ops.aten._weight_int8pack_mm(x, w, scale)
+    return out if bias is None else out + bias
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Half-split rotation (the Hugging Face layout; GGUF's interleaved q/k are un-permuted at load).
     x1, x2 = x.chunk(2, dim=-1)
@@ -125,6 +134,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.empty(h))
         self.gate_up_proj = nn.Parameter(torch.empty(2 * inter, h))
         self.down_proj = nn.Parameter(torch.empty(h, inter))
+        # Per-row scales of int8 projections (shard/models/quantize.py); None: not quantized.
+        self.qkv_proj_scale = self.o_proj_scale = self.gate_up_proj_scale = self.down_proj_scale = None
         self.scale = d**-0.5
 
     def forward(
@@ -139,12 +150,12 @@ class DecoderLayer(nn.Module):
         h = rms_norm(x, self.input_layernorm, self.eps)
         x = x + self.attention(h, cos, sin, batch, k_cache, v_cache)
         h = rms_norm(x, self.post_attention_layernorm, self.eps)
-        gate, up = F.linear(h, self.gate_up_proj).chunk(2, dim=-1)
-        return x + self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
+        gate, up = linear(h, self.gate_up_proj, self.gate_up_proj_scale).chunk(2, dim=-1)
+        return x + self.tp.all_reduce(linear(F.silu(gate) * up, self.down_proj, self.down_proj_scale))
 
     def attention(self, h, cos, sin, batch: AttentionBatch, k_cache, v_cache) -> torch.Tensor:
         T, d, hq, hkv = h.shape[0], self.head_dim, self.heads, self.kv_heads
-        qkv = F.linear(h, self.qkv_proj, self.qkv_bias)
+        qkv = linear(h, self.qkv_proj, self.qkv_proj_scale, self.qkv_bias)
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         q = apply_rope(q.view(T, hq, d), cos, sin)
         k = apply_rope(k.view(T, hkv, d), cos, sin)
@@ -165,7 +176,7 @@ class DecoderLayer(nn.Module):
         out = torch.matmul(probs, values).view(B, hkv, g, Qm, d).permute(0, 3, 1, 2, 4)
         out = out.reshape(B, Qm, hq * d)
         out = out.view(T, hq * d) if batch.q_valid is None else out[batch.q_valid]
-        return self.tp.all_reduce(F.linear(out, self.o_proj))
+        return self.tp.all_reduce(linear(out, self.o_proj, self.o_proj_scale))
 
 
 class LlamaModel(nn.Module):
@@ -177,15 +188,27 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(self.vocab_per_rank, cfg.hidden_size))
+        self.embed_tokens_scale = self.lm_head_scale = None  # int8 rows' scales (quantize.py)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations, KV cache): the norms keep it when projections are int8."""
+        return self.norm.dtype
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.embed_tokens)
+        if self.embed_tokens_scale is None:
+            return rows
+        return rows.to(self.dtype) * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.embed_tokens)
+            return self._lookup(ids)
         # Vocabulary-parallel: each rank looks up the ids it owns, zeros the rest, then all-reduce.
         local = ids - self.tp.rank * self.vocab_per_rank
         owned = (local >= 0) & (local < self.vocab_per_rank)
-        out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.embed_tokens)
+        out = self._lookup(local.clamp(0, self.vocab_per_rank - 1))
         return self.tp.all_reduce(out * owned.unsqueeze(-1).to(out.dtype))
 
     @torch.inference_mode()
@@ -220,6 +243,8 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] for the rows that sample (one per sequence, not per token)."""
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        local = F.linear(h, head).float()
+        if self.lm_head is None:
+            local = linear(h, self.embed_tokens, self.embed_tokens_scale).float()
+        else:
+            local = linear(h, self.lm_head, self.lm_head_scale).float()
         return self.tp.all_gather_last(local)[:, : self.cfg.vocab_size]

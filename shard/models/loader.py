@@ -16,6 +16,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from shard.models.llama import LlamaConfig, LlamaModel
+from shard.models.quantize import QUANTIZE, quantize_int8
 from shard.parallel import TPGroup, check_divisible
 from sluice.modelfiles import ModelSource
 
@@ -23,7 +24,9 @@ from sluice.modelfiles import ModelSource
 Getter = Callable[[str], "torch.Tensor | None"]
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = None, device: str = "cpu") -> LlamaModel:
+def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = None, device: str = "cpu",
+               quantize: str | None = None) -> LlamaModel:
+    """`quantize`: None, or a name in shard.models.quantize.QUANTIZE."""
     tp = tp or TPGroup()
     cfg, get = _open_gguf(source.path) if source.is_gguf else _open_hf(source.path)
     check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp.size)
@@ -32,7 +35,12 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
     for name, tensor in _rank_weights(cfg, tp, get):
         set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
     model.inv_freq = model.inv_freq.to(device)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if quantize:
+        if QUANTIZE.get(quantize) != "int8":
+            raise ValueError(f"--quantize {quantize!r} is not supported: int8 (or its TGI name eetq) is")
+        quantize_int8(model)
+    return model
 
 
 def model_config(source: ModelSource) -> LlamaConfig:

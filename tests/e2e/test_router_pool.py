@@ -8,13 +8,13 @@ import asyncio
 import grpc
 import pytest
 
+from router.contract import FinishReason, Reply, Sampling, ShardRequest
 from router.pool import ShardError, ShardPool
-from sluice.pb import shard_pb2
 
-REQUEST = shard_pb2.GenerateRequest(input_ids=[1, 2, 3, 4], max_new_tokens=3, ignore_eos=True)
+REQUEST = ShardRequest(request_id="pool", input_ids=[1, 2, 3, 4], params=Sampling(), max_new_tokens=3, ignore_eos=True)
 
 
-async def generate(addresses: list[str]) -> tuple[list[shard_pb2.GenerateResponse], ShardPool]:
+async def generate(addresses: list[str]) -> tuple[list[Reply], ShardPool]:
     pool = ShardPool(addresses)
     for replica in pool.replicas:
         replica.healthy = True  # as the health poller last saw them: the gone one has not been noticed yet
@@ -28,7 +28,7 @@ def test_refused_before_the_first_token_goes_to_another_replica(server_handle, t
     gone = f"unix://{tmp_path}/gone.sock"  # picked first: same load, listed first
     replies, pool = asyncio.run(generate([gone, server_handle.shard_address]))
     assert sum(len(r.tokens) for r in replies) == 3
-    assert replies[-1].finish_reason == shard_pb2.FINISH_REASON_LENGTH
+    assert replies[-1].finish_reason == FinishReason.LENGTH
     assert [r.healthy for r in pool.replicas] == [False, True]
     assert [r.in_flight for r in pool.replicas] == [0, 0]
 

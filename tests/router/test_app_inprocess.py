@@ -10,15 +10,14 @@ import pytest
 
 from router.app import ENDPOINTS, GENERATION_ROUTES, create_app
 from router.config import RouterSettings
-from sluice.pb import shard_pb2
+from router.contract import FinishReason, Reply, ShardInfo, Token
 
 
 class FakePool:
     """The ShardPool interface the app uses: info, replicas, health, generate, close, abort_all."""
 
     def __init__(self, eos_id: int) -> None:
-        self.info = shard_pb2.InfoResponse(model_id="fake", vocab_size=100, eos_token_ids=[eos_id],
-                                           max_position_embeddings=512)
+        self.info = ShardInfo(model_id="fake", vocab_size=100, eos_token_ids=[eos_id], max_position_embeddings=512)
         self.replicas: list = []
         self.release = asyncio.Event()
         self.started = 0
@@ -31,8 +30,7 @@ class FakePool:
         self.started += 1
         self.requests.append(request)
         await self.release.wait()
-        yield shard_pb2.GenerateResponse(tokens=[shard_pb2.Token(id=5, logprob=-0.5)], prompt_tokens=3,
-                                         finish_reason=shard_pb2.FINISH_REASON_LENGTH)
+        yield Reply(tokens=[Token(id=5, logprob=-0.5)], prompt_tokens=3, finish_reason=FinishReason.LENGTH)
 
     def abort_all(self, reason: str) -> int:
         return 0
