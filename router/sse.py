@@ -34,7 +34,9 @@ SSE_HEADERS = [
 ]
 STREAM_ID_HEADER = b"x-sluice-stream-id"
 RESUMABLE_HEADER = "x-sluice-resumable"
-KEEPALIVE = b": keep-alive\n\n"
+# A comment line alone, no blank line after it: a blank line ends an event, and the openai SDK's parser
+# (unlike the SSE spec) dispatches an empty one once an id was seen, which then fails to parse as JSON.
+KEEPALIVE = b": keep-alive\n"
 _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 

@@ -165,7 +165,7 @@ def test_keepalive_comments_while_the_shard_is_paused_and_every_client_parses_th
             t.start()
         wait_for(lambda: srv.metrics()["tgi_queue_size"] >= len(threads))
         raw = RawStream(srv.url, "/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": N}})
-        raw.wait_bytes(b": keep-alive\n\n", 3)  # 0.2 s apart: the other streams have waited as long
+        raw.wait_bytes(b": keep-alive\n", 3)  # 0.2 s apart: the other streams have waited as long
     finally:
         os.kill(shard, signal.SIGCONT)
     for t in threads:
@@ -180,16 +180,17 @@ def test_keepalive_comments_while_the_shard_is_paused_and_every_client_parses_th
 
 
 def test_keepalive_is_raw_bytes_on_the_wire(srv):
-    """The comment is exactly `: keep-alive` and a blank line, between whole events."""
+    """The comment is exactly a `: keep-alive` line, between whole events, without the blank line that would
+    end an (empty) event."""
     (shard,) = children(srv.proc.pid)
     os.kill(shard, signal.SIGSTOP)
     try:
         raw = RawStream(srv.url, "/v1/completions", {**ROUTES["/v1/completions"], "max_tokens": 3})
-        raw.wait_bytes(b": keep-alive\n\n", 2)
+        raw.wait_bytes(b": keep-alive\n", 2)
     finally:
         os.kill(shard, signal.SIGCONT)
     body = raw.body()
-    assert body.startswith(b": keep-alive\n\n: keep-alive\n\n")
+    assert body.startswith(b": keep-alive\n: keep-alive\n") and b": keep-alive\n\n" not in body
     assert body.rstrip().endswith(b"data: [DONE]")
     assert json.loads(body.split(b"data: ", 1)[1].split(b"\n", 1)[0])["object"] == "text_completion"
 
