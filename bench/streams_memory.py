@@ -1,6 +1,6 @@
 """Memory of abandoned resumable streams: N clients open a resumable stream, read its first event and hang up.
 
-    python bench/streams_memory.py [--streams 1000] [--per-stream 4096] [--total 2097152] [--max-tokens 40]
+    python bench/streams_memory.py [--streams 1000] [--per-stream 4096] [--total 2097152] [--max-tokens 40] [--model-id M]
 
 Starts its own `sluice serve` on 127.0.0.1 with those byte caps (a long --stream-retention, so the
 streams are cut by the caps, not forgotten), abandons the streams, waits until every generation has
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--per-stream", type=int, default=4096)
     ap.add_argument("--total", type=int, default=2 << 20)
     ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--model-id", default=None, help="default: the embedded model (the router's memory is the point)")
     args = ap.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -56,7 +57,7 @@ def main() -> None:
     argv = [sys.executable, "-m", "sluice", "serve", "--hostname", "127.0.0.1", "--port", str(port),
             "--shard-uds-path", str(tmp / "shard.sock"), "--max-concurrent-requests", str(args.streams + 10),
             "--stream-retention", "3600", "--stream-buffer-bytes", str(args.per_stream),
-            "--stream-buffer-total-bytes", str(args.total)]
+            "--stream-buffer-total-bytes", str(args.total), *(["--model-id", args.model_id] if args.model_id else [])]
     with open(tmp / "server.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         try:
