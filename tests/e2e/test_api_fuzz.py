@@ -66,7 +66,7 @@ def check(url: str, path: str, content: bytes) -> None:
         body = r.read()
     assert r.status_code < 500, (r.status_code, body[:500])
     if r.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [line.removeprefix(b"data: ") for line in body.split(b"\n\n") if line]
+        events = [line.removeprefix(b"data: ") for line in body.split(b"\n") if line.startswith(b"data: ")]
         assert events, "an empty stream"
         for event in events:
             if event != b"[DONE]":
