@@ -189,10 +189,12 @@ def gguf_formats(source: Path, quantize: Path, formats: list[str]) -> dict[str, 
 # --- servers ---------------------------------------------------------------------------------------
 
 @contextmanager
-def serving(name: str, cmd: list[str], port: int, log: Path) -> Iterator[str]:
-    """Start `cmd`, wait for GET /health = 200, yield the base URL; stop it afterwards."""
+def serving(name: str, cmd: list[str], port: int, log: Path, wait_for_log: str = "") -> Iterator[str]:
+    """Start `cmd`, wait for GET /health = 200 (and for `wait_for_log` to appear in its log), yield the
+    base URL; stop it afterwards."""
     url = f"http://127.0.0.1:{port}"
     print(f"[{name}] {shlex.join(cmd)}  (log: {log})", flush=True)
+    started = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
@@ -200,6 +202,16 @@ def serving(name: str, cmd: list[str], port: int, log: Path) -> Iterator[str]:
             wait_until_healthy(url + "/health", [proc], timeout_s=600)
         except (RuntimeError, TimeoutError) as exc:
             raise SystemExit(f"[{name}] {exc}; see {log}") from None
+        healthy_s = time.monotonic() - started
+        if wait_for_log:  # e.g. Sluice's background compile: measure the speed it reaches, say when
+            print(f"    healthy after {healthy_s:.0f} s; waiting for {wait_for_log!r} in its log", flush=True)
+            while wait_for_log not in log.read_text():
+                if proc.poll() is not None:
+                    raise SystemExit(f"[{name}] exited; see {log}")
+                time.sleep(2)
+            print(f"    {wait_for_log!r} after {time.monotonic() - started:.0f} s", flush=True)
+        else:
+            print(f"    healthy after {healthy_s:.0f} s", flush=True)
         yield url
     finally:
         stop(proc, 60)
@@ -354,7 +366,7 @@ def measure(url: str, args: argparse.Namespace, seed: int) -> dict[str, dict]:
         loop.run_until_complete(drive(url, [make_prompt(rng, args.prompt_tokens) for _ in range(2)], 2, 4))
         scenarios: dict[str, dict] = {}
         for c in args.concurrency:
-            n = args.requests or max(8, 4 * c)
+            n = args.requests or max(8, 2 * c)
             prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(n)]
             scenarios[f"c={c}"] = summarize(*loop.run_until_complete(drive(url, prompts, c, args.output_tokens)))
             print(f"    c={c}: {fmt_brief(scenarios[f'c={c}'])}", flush=True)
@@ -435,7 +447,7 @@ def best_of(results: dict, llama: list[str], scenario: str, key: str, higher: bo
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    ap.add_argument("--requests", type=int, default=0, help="requests per scenario (default: 4 x concurrency, at least 8)")
+    ap.add_argument("--requests", type=int, default=0, help="requests per scenario (default: 2 x concurrency, at least 8)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--long-prompt-tokens", type=int, default=1500)
@@ -481,7 +493,10 @@ def main() -> None:
             extra = flags + (f" --model-id {shlex.quote(args.model_id)}" if args.model_id else "")
             name = f"sluice {flags}".strip()
             CACHE.mkdir(parents=True, exist_ok=True)
-            with serving(name, sluice_cmd(port, extra, int(per_slot * 1.5) + args.output_tokens + 16), port, CACHE / f"sluice-{i}.log") as url:
+            # The default compiles in the background: measure once it has switched to the compiled graphs.
+            compiled = "" if "--no-compile" in flags or "--num-shard" in flags else "compiled the decode graphs"
+            cmd = sluice_cmd(port, extra, int(per_slot * 1.5) + args.output_tokens + 16)
+            with serving(name, cmd, port, CACHE / f"sluice-{i}.log", compiled) as url:
                 results[name] = measure(url, args, seed=1)
 
     print(f"\n{args.prompt_tokens}-word prompts, {args.output_tokens} output tokens (ignore_eos), temperature 0; "

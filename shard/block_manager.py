@@ -18,8 +18,10 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU order
+        # Block 0 is never handed out: padded attention rows read it and the compile warm-up writes it,
+        # possibly while sequences run (shard/model_runner.py). `num_blocks` counts the usable ones.
+        self.num_blocks = num_blocks - 1
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))  # LRU order
         self.refs = [0] * num_blocks
         self.block_hash: dict[int, int] = {}
         self.by_hash: dict[int, int] = {}

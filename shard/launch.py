@@ -18,6 +18,7 @@ import time
 import torch
 
 from shard.engine import Engine, EngineConfig
+from shard.hardware import choose_compile, choose_dtype
 from shard.model_runner import ModelRunner
 from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, check_divisible, init_group
@@ -59,34 +60,37 @@ def _device(settings: ShardSettings, tp: TPGroup) -> str:
     return settings.device
 
 
-def _engine_config(settings: ShardSettings) -> EngineConfig:
+def _engine_config(settings: ShardSettings, device: str, tp_size: int) -> EngineConfig:
+    compile, background = choose_compile(settings.compile, device, tp_size)
     return EngineConfig(
         max_batch_total_tokens=settings.max_batch_total_tokens,
         block_size=settings.block_size,
         max_batch_size=settings.max_batch_size,
         max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
-        compile=settings.compile,
+        compile=compile,
+        compile_in_background=background,
     )
 
 
 def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
-    if settings.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    dtype = choose_dtype(settings.dtype, _device(settings, tp), settings.quantize)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     elif tp.size > 1 and not torch.cuda.is_available():
         # Ranks on one host share its cores: oversubscribed OpenMP threads stall every collective.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
     t0 = time.time()
-    model = load_model(source, DTYPES[settings.dtype], tp, _device(settings, tp))
-    log.info("rank %d/%d loaded %s (%s) in %.1fs", tp.rank, tp.size, source.model_id, settings.dtype, time.time() - t0)
+    model = load_model(source, DTYPES[dtype], tp, _device(settings, tp), settings.quantize)
+    log.info("rank %d/%d loaded %s (%s%s) in %.1fs", tp.rank, tp.size, source.model_id, dtype,
+             f", {settings.quantize} weights" if settings.quantize else "", time.time() - t0)
     return model
 
 
 def build_engine(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = None) -> Engine:
-    model = _load(settings, source, tp or TPGroup())
-    engine = Engine(model, _engine_config(settings), model.cfg.eos_token_ids)
-    engine.warm_up()  # before the shard reports healthy: a request never waits on a compile
+    tp = tp or TPGroup()
+    model = _load(settings, source, tp)
+    engine = Engine(model, _engine_config(settings, _device(settings, tp), tp.size), model.cfg.eos_token_ids)
+    engine.warm_up()  # now (--compile: before healthy) or in the background (the default on CPU)
     return engine
 
 
@@ -123,7 +127,7 @@ def main(settings: ShardSettings, source: ModelSource) -> None:
         # It still goes with rank 0 if that one dies (PDEATHSIG, or the collective failing).
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
-        config = _engine_config(settings)
+        config = _engine_config(settings, _device(settings, tp), tp.size)
         ModelRunner(_load(settings, source, tp), config.num_blocks, config.block_size).run_worker()
         return
     serve(settings, source, tp, children)
@@ -170,3 +174,8 @@ def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = Non
         engine.runner.release_workers()
     for child in children or []:
         child.wait(timeout=10)
+    if engine.compile_thread is not None and engine.compile_thread.is_alive():
+        # Interpreter shutdown under a thread still inside inductor aborts the process (exit 134):
+        # the work is done, so leave without waiting for the compile.
+        logging.shutdown()
+        os._exit(0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -33,6 +35,7 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     batch: AttentionBatch
     rows: list[int]  # rows of the hidden states that need logits: samplers first, then prompt logprobs
+    compiled: bool = False  # through the compiled decode graph (decided once, when the tensors are built)
 
 
 @dataclass
@@ -69,6 +72,9 @@ def compile_decode(model: LlamaModel) -> Callable:
     # over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). It must be set globally:
     # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
     torch._inductor.config.freezing = True
+    # The C++ wrapper calls the kernels without Python in between: ~10% per decode step at batch 1
+    # and 16 (bench/bench_levers.py), for ~25% more compile time, which the background compile hides.
+    torch._inductor.config.cpp_wrapper = True
     return torch.compile(model.hidden_states, dynamic=False)
 
 
@@ -80,16 +86,37 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.embed_tokens.device
         self.kv_caches = allocate_kv_caches(model, num_blocks * block_size)
-        # The compiled decode graph, or None: eager. Benchmarks swap it to compare the two.
-        self.compiled: Callable | None = compile_decode(model) if compile else None
+        self._compiler: Callable | None = compile_decode(model) if compile else None
+        # The compiled decode graph once warm_up has built it; None: eager. Benchmarks swap it.
+        self.compiled: Callable | None = None
 
-    def warm_up(self) -> None:
-        """Compile both decode graphs now, before the first request (tens of seconds each on a
-        small CPU): compiled lazily, the first request of each kind would stall every stream in its
-        batch that long. Dummy rows write their K/V into slot 0, which no sequence holds yet (and
-        any sequence given it later writes before it reads)."""
-        if self.compiled is None:
+    def warm_up(self, background: bool = False) -> None:
+        """Compile both decode graphs (tens of seconds each on a small CPU) by running them once on
+        dummy rows, then use them: compiled lazily, the first request of each kind would stall every
+        stream in its batch that long. The dummy rows write their K/V into block 0, which the block
+        manager never hands out, so this may run in a thread of its own while the engine serves."""
+        if self._compiler is None:
             return
+        if background:
+            # Serving comes first: the lowest CPU priority for this thread (Linux nices threads one
+            # by one), and inductor's kernel compiles in this process instead of a worker per core.
+            import torch._inductor.config
+
+            torch._inductor.config.compile_threads = 1
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
+        try:
+            self._warm_up(self._compiler)
+        except Exception:
+            if not background:
+                raise
+            log.exception("compiling the decode graphs failed: serving eagerly")
+            return
+        self.compiled = self._compiler
+
+    def _warm_up(self, compiled: Callable) -> None:
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.long, device=self.device)
@@ -102,8 +129,8 @@ class ModelRunner:
                 batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask, None, None)
                 ids, positions = zeros(batch_size), zeros(batch_size)
                 self._mark_dynamic(ids, positions, batch)
-                self.compiled(ids, positions, batch, self.kv_caches)
-        log.info("compiled the decode graphs in %.1fs", time.monotonic() - t0)
+                compiled(ids, positions, batch, self.kv_caches)
+        log.info("compiled the decode graphs in %.1fs: decode steps use them from now on", time.monotonic() - t0)
 
     @staticmethod
     def _mark_dynamic(ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> None:
@@ -143,7 +170,7 @@ class ModelRunner:
 
     # --- every rank -----------------------------------------------------------------------
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        forward = self.compiled if self.compiled is not None and inputs.batch.q_index is None else self.model
+        forward = self.compiled if inputs.compiled else self.model
         hidden = forward(inputs.ids, inputs.positions, inputs.batch, self.kv_caches)
         if not inputs.rows:
             return None
@@ -164,11 +191,12 @@ class ModelRunner:
     # --- step preparation -----------------------------------------------------------------
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence], list[PrefillRows]]:
         """The step's inputs, the sequences that sample (in row order), and the prompt-logprob rows."""
-        ids, positions, batch, sample_rows = self._tensors(scheduled)
+        compiled = self.compiled is not None and all(n == 1 for _, n in scheduled)
+        ids, positions, batch, sample_rows = self._tensors(scheduled, compiled)
         samplers = [seq for (seq, _), row in zip(scheduled, sample_rows) if row is not None]
         prefill = self._prefill_rows(scheduled)
         rows = [r for r in sample_rows if r is not None] + [r for p in prefill for r in p.rows]
-        return StepInputs(ids, positions, batch, rows), samplers, prefill
+        return StepInputs(ids, positions, batch, rows, compiled), samplers, prefill
 
     def _prefill_rows(self, scheduled: list[tuple[Sequence, int]]) -> list[PrefillRows]:
         """Rows for sequences that asked for prompt logprobs and still miss some (a preempted
@@ -183,7 +211,7 @@ class ModelRunner:
             start += n
         return out
 
-    def _tensors(self, scheduled: list[tuple[Sequence, int]]):
+    def _tensors(self, scheduled: list[tuple[Sequence, int]], compiled: bool):
         """Flatten the step's tokens and build the attention gather/mask for the whole batch."""
         bs = self.block_size
         ids: list[int] = []
@@ -199,7 +227,6 @@ class ModelRunner:
             ctx.append(s + n)
             sample_rows.append(len(ids) - 1 if s + n == seq.num_tokens else None)
         B, Qm, Lm = len(scheduled), max(lens), max(ctx)
-        compiled = self.compiled is not None and Qm == 1
         if compiled:
             Lm = -(-Lm // L_ALIGN) * L_ALIGN
         max_blocks = math.ceil(Lm / bs)

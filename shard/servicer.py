@@ -63,7 +63,7 @@ class ShardService(pb_grpc.ShardServicer):
         cfg = self.engine.model.cfg
         return pb.InfoResponse(
             model_id=self.source.model_id,
-            dtype=self.settings.dtype,
+            dtype=str(self.engine.model.dtype).removeprefix("torch."),
             device=str(self.engine.device),
             num_shard=self.engine.model.tp.size,
             max_position_embeddings=self.engine.max_seq_len,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sluice.options import SHARD, option
 
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")
 
 
 @dataclass
@@ -16,7 +16,12 @@ class ShardSettings:
                                        "default: the embedded SmolLM2-135M-Instruct")
     address: str = option("unix:///tmp/sluice-shard.sock", env="SHARD_ADDRESS", only=SHARD,
                           help="where to serve gRPC: unix:///path.sock or host:port (beyond localhost needs --allow-remote)")
-    dtype: str = option("bfloat16", env="DTYPE", choices=DTYPES)
+    dtype: str = option("auto", env="DTYPE", choices=DTYPES,
+                        help="auto: bfloat16 on GPUs and on CPUs with native bf16 (avx512_bf16 or AMX), "
+                             "else float32 (shard/hardware.py)")
+    quantize: str | None = option(None, env="QUANTIZE", choices=("int8", "eetq"),
+                                  help="int8 weight-only projections (eetq: TGI's name for it), computed in "
+                                       "bfloat16: half the bytes per decode step")
     num_shard: int = option(1, env="NUM_SHARD", type=int,
                             help="tensor-parallel processes holding one copy of the model between them")
     device: str = option("auto", env="DEVICE", help="cpu, cuda or auto (cuda when there is one)")
@@ -26,9 +31,10 @@ class ShardSettings:
                                            help="tokens computed per engine step; longer prompts are split across steps")
     max_batch_size: int = option(64, env="MAX_BATCH_SIZE", type=int, help="running sequences per step")
     num_threads: int | None = option(None, type=int, help="torch CPU threads (default: all cores)")
-    compile: bool = option(False, env="COMPILE", action="store_true",
-                           help="torch.compile decode steps (num-shard 1 only): ~1.6x decode tokens/s on CPU; the "
-                                "shard compiles before it reports healthy (about 2 minutes on 2 cores)")
+    compile: bool | None = option(None, env="COMPILE", action="optional_bool",
+                                  help="torch.compile decode steps (num-shard 1, CPU). Unset: compiled in the "
+                                       "background while the shard already serves eagerly; --compile: before it "
+                                       "reports healthy; --no-compile: eager only")
     shutdown_timeout_s: float = option(30.0, flag="--shutdown-timeout", env="SHUTDOWN_TIMEOUT", type=float,
                                        help="seconds requests in flight may take to finish after SIGTERM")
     allow_remote: bool = option(False, action="store_true", only=SHARD,

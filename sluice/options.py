@@ -30,7 +30,7 @@ class Option:
     help: str
     type: Callable[[str], Any] | None
     choices: tuple | None
-    action: str | None  # "store_true" or "append"; None: a value
+    action: str | None  # "store_true", "append", or "optional_bool" (--x / --no-x / unset: None); None: a value
     commands: frozenset[str]
 
 
@@ -63,7 +63,7 @@ def _from_env(f: dataclasses.Field, opt: Option) -> Any:
     raw = os.environ.get(opt.env) if opt.env else None
     if raw in (None, ""):
         return _default(f)
-    if opt.action == "store_true":
+    if opt.action in ("store_true", "optional_bool"):
         return raw not in ("0", "false", "no")
     if opt.action == "append":
         return [a for a in raw.split(",") if a]
@@ -95,7 +95,11 @@ def add_flags(parser: argparse.ArgumentParser, settings_cls: type, command: str)
                 raise ValueError(f"{opt.flag}: declared with different defaults by two settings tables")
             continue
         kw: dict[str, Any] = {"dest": dest(opt), "default": _from_env(f, opt), "help": _help(f, opt)}
-        if opt.action:
+        if opt.action == "optional_bool":  # --x sets True, --no-x False, neither leaves the default
+            parser.add_argument(*spellings("--no-" + opt.flag[2:]), dest=dest(opt), action="store_const",
+                                const=False, default=kw["default"], help=f"the opposite of {opt.flag}")
+            kw.update(action="store_const", const=True)
+        elif opt.action:
             kw["action"] = opt.action
         if opt.type and opt.action is None:
             kw["type"] = opt.type
@@ -139,8 +143,8 @@ def to_argv(settings: Any, command: str) -> list[str]:
         value = getattr(settings, f.name)
         if value is None or (opt.action == "store_true" and not value):
             continue
-        if opt.action == "store_true":
-            argv.append(opt.flag)
+        if opt.action in ("store_true", "optional_bool"):
+            argv.append(opt.flag if value else "--no-" + opt.flag[2:])
         elif opt.action == "append":
             for item in value:
                 argv += [opt.flag, str(item)]

@@ -5,11 +5,16 @@ max_concurrent_requests=2) and stops it afterwards; `tiny_llama` is a tiny rando
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from servers import Server
+
+# Servers the tests start serve eagerly: the default background compile would spend minutes of the
+# two CI cores per server for speed no test measures. tests/engine/test_compile.py covers the compile.
+os.environ.setdefault("COMPILE", "0")
 
 @pytest.fixture(scope="session")
 def server_handle(tmp_path_factory) -> Server:

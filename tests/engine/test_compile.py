@@ -1,4 +1,4 @@
-"""`--compile` (torch.compile of decode-only steps) gives the same greedy ids as eager, in float32."""
+"""Compiled decode steps (torch.compile; by default in the background) give the same greedy ids as eager, in float32."""
 from __future__ import annotations
 
 import pytest
@@ -56,11 +56,43 @@ def test_compiled_decode_equals_eager(tiny_llama):
     assert [len(o) for o in eager] == NEW_TOKENS
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_llama):
+    """The default: requests run while the graphs compile in a thread; block 0, which the warm-up
+    writes, is never a sequence's."""
+    import torch._dynamo
+
+    model = load_model(ModelSource("tiny", tiny_llama), torch.float32)
+    eager = greedy(model, compile=False)
+    torch._dynamo.reset()
+    config = EngineConfig(max_batch_total_tokens=512, block_size=8, compile=True, compile_in_background=True)
+    engine = Engine(model, config, eos_token_ids=[])
+    engine.warm_up()  # returns at once: the compile runs in its own thread
+
+    def run() -> list[list[int]]:
+        outs: list[list[int]] = [[] for _ in PROMPTS]
+        seqs = [Sequence(str(i), ids, SamplingParams(), NEW_TOKENS[i],
+                         lambda kind, v, i=i: outs[i].append(v.token_id)) for i, ids in enumerate(PROMPTS)]
+        for seq in seqs:
+            engine.scheduler.waiting.append(seq)
+        while engine.scheduler.running or engine.scheduler.waiting:
+            engine.step()
+            assert all(0 not in seq.blocks for seq in seqs)
+        return outs
+
+    assert run() == eager  # eagerly, or partly compiled if the compile finished meanwhile
+    engine.compile_thread.join(timeout=600)
+    assert engine.runner.compiled is not None, "the compile thread finished and the runner switched"
+    assert run() == eager
+
+
 def test_compile_flag(monkeypatch):
     from sluice.cli import build_parser, main
 
+    monkeypatch.delenv("COMPILE", raising=False)
     assert build_parser().parse_args(["shard", "--compile"]).compile
-    assert not build_parser().parse_args(["serve"]).compile
+    assert build_parser().parse_args(["serve"]).compile is None  # auto: in the background on CPU
+    assert build_parser().parse_args(["serve", "--no-compile"]).compile is False
     monkeypatch.setenv("COMPILE", "1")
     assert build_parser().parse_args(["serve"]).compile
     with pytest.raises(SystemExit, match="--num-shard 1 only"):

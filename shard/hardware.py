@@ -1,0 +1,49 @@
+"""Defaults chosen per machine: the compute dtype and whether decode steps are compiled.
+
+The rule, from bench/RESULTS.md (SmolLM2-135M, 2-core AMD EPYC hosts, same load generator):
+  * bf16 matmuls are fast only where the CPU has native bf16 (AVX512-BF16 or AMX): there bf16 was ~2x
+    float32 at every batch size. On an AVX2-only host, bf16 took slow paths in every batched step
+    (c=16: 17.9 tok/s bf16 vs 59.6 float32), so float32 is the default there. GPUs: bf16.
+  * torch.compile of decode steps removes the ~8-15 ms of per-step dispatch (1.6-1.8x at batch 1 on
+    CPU) but takes minutes on a small CPU, so by default it runs in the background after the shard is
+    already serving eagerly (model_runner.ModelRunner.warm_up). Not with tensor parallelism (the
+    collectives are not traced) and not on CUDA (never measured there).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def choose_dtype(requested: str, device: str, quantize: str | None, flags: frozenset[str] | None = None) -> str:
+    """The dtype to compute in: `requested` unless "auto"."""
+    if quantize:
+        # The int8 kernel (ATen's _weight_int8pack_mm) is fast in bf16 only: 15x slower in float32.
+        if requested not in ("auto", "bfloat16"):
+            raise ValueError(f"--quantize {quantize} computes in bfloat16; drop --dtype {requested}")
+        return "bfloat16"
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
+
+
+def choose_compile(requested: bool | None, device: str, num_shard: int) -> tuple[bool, bool]:
+    """(compile, in the background). `requested`: --compile (True: before healthy), --no-compile, or unset."""
+    if requested is None:
+        auto = device == "cpu" and num_shard == 1
+        return auto, auto
+    return requested, False

@@ -1,0 +1,28 @@
+"""The per-machine defaults (shard/hardware.py): the rule the README states, on given CPU flags."""
+from __future__ import annotations
+
+import pytest
+
+from shard.hardware import choose_compile, choose_dtype
+
+
+def test_bf16_only_where_the_cpu_has_native_bf16():
+    assert choose_dtype("auto", "cpu", None, frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})) == "bfloat16"
+    assert choose_dtype("auto", "cpu", None, frozenset({"avx2", "amx_bf16"})) == "bfloat16"
+    assert choose_dtype("auto", "cpu", None, frozenset({"avx2", "fma", "avx512f"})) == "float32"
+    assert choose_dtype("auto", "cuda:0", None, frozenset()) == "bfloat16"
+
+
+def test_an_explicit_dtype_wins_and_int8_computes_in_bf16():
+    assert choose_dtype("float32", "cpu", None, frozenset({"avx512_bf16"})) == "float32"
+    assert choose_dtype("auto", "cpu", "int8", frozenset()) == "bfloat16"
+    with pytest.raises(ValueError, match="bfloat16"):
+        choose_dtype("float32", "cpu", "int8")
+
+
+def test_compile_defaults_to_the_background_on_one_cpu_shard():
+    assert choose_compile(None, "cpu", 1) == (True, True)
+    assert choose_compile(None, "cpu", 2) == (False, False)
+    assert choose_compile(None, "cuda:0", 1) == (False, False)
+    assert choose_compile(True, "cpu", 1) == (True, False)
+    assert choose_compile(False, "cpu", 1) == (False, False)
