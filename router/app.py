@@ -40,33 +40,32 @@ class Endpoint:
     handler: Callable[[Request], Awaitable[Response]]
     summary: str
     body: type[BaseModel] | None = None
-    kind: str = "json"  # the OpenAPI responses: json, sse, both (json or sse), html
+    kind: str = "json"  # what 200 answers: json, sse, both (json or sse), html, text
     generation: bool = False  # counted against max_concurrent_requests by Admission
+    returns: str | None = None  # the JSON body's schema: a name in openapi.ANSWERS
+    events: str | None = None  # a stream's events: a name in openapi.EVENTS
 
-
-_OK = {"200": {"description": "OK", "content": {"application/json": {}}}}
-_SSE = {"200": {"description": "server-sent events", "content": {"text/event-stream": {}}}}
-RESPONSES = {"json": _OK, "sse": _SSE, "both": {**_OK, **_SSE},
-             "html": {"200": {"description": "OK", "content": {"text/html": {}}}}}
 
 ENDPOINTS: list[Endpoint] = [
     Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
-             generation=True),
-    Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True),
+             "both", generation=True, returns="GenerateResponses", events="TgiEvent"),
+    Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True,
+             returns="GenerateResponse"),
     Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
-             "sse", generation=True),
+             "sse", generation=True, events="TgiEvent"),
     Endpoint("/v1/chat/completions", "POST", chat_completions, "OpenAI chat completions",
-             schemas.ChatCompletionRequest, "both", generation=True),
+             schemas.ChatCompletionRequest, "both", generation=True, returns="ChatCompletion",
+             events="ChatCompletionEvent"),
     Endpoint("/v1/completions", "POST", completions, "OpenAI completions", schemas.CompletionRequest, "both",
-             generation=True),
+             generation=True, returns="Completion", events="CompletionEvent"),
     Endpoint("/v1/streams/{id}", "GET", resume_stream, "a resumable stream's events after Last-Event-ID "
              "(or ?after=N), then the rest live", kind="sse"),
-    Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest),
-    Endpoint("/v1/models", "GET", models, "the served model"),
-    Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503"),
-    Endpoint("/info", "GET", info, "model and limits"),
-    Endpoint("/metrics", "GET", metrics, "Prometheus metrics"),
-    Endpoint("/openapi.json", "GET", openapi, "this document"),
+    Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest, returns="Tokens"),
+    Endpoint("/v1/models", "GET", models, "the served model", returns="Models"),
+    Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503", returns="Health"),
+    Endpoint("/info", "GET", info, "model and limits", returns="Info"),
+    Endpoint("/metrics", "GET", metrics, "Prometheus metrics (text exposition format)", kind="text"),
+    Endpoint("/openapi.json", "GET", openapi, "this document", returns="OpenAPI"),
     Endpoint("/docs", "GET", docs, "a page pointing at this document", kind="html"),
 ]
 GENERATION_ROUTES = {e.path for e in ENDPOINTS if e.generation}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -19,6 +20,10 @@ log = logging.getLogger("sluice.router")
 # report a broken connection instead of the 413. Larger ones are refused unread (nginx's lingering close,
 # bounded the same way).
 DISCARD_MAX_BYTES = 1 << 20
+
+# x-sluice-ignored-fields stays well inside what HTTP clients accept in a header (h11, which httpx uses,
+# gives up on a response head over 16 KiB; proxies often allow 4-8 KiB).
+IGNORED_HEADER_MAX = 1024
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -70,10 +75,26 @@ async def parse(request: Request, model: type[BaseModel]):
         body = model.model_validate(data)
     except ValidationError as exc:
         raise ApiError(422, schemas.describe(exc)) from exc
-    ignored = body.ignored_fields()
+    ignored = [quote(k, safe="") for k in body.ignored_fields()]
     if isinstance(getattr(body, "parameters", None), schemas.Parameters):
-        ignored += [f"parameters.{k}" for k in body.parameters.ignored_fields()]
+        ignored += [f"parameters.{quote(k, safe='')}" for k in body.parameters.ignored_fields()]
     if ignored:
-        log.info("%s: ignoring unknown fields %s", request.url.path, ", ".join(ignored))
-        request.scope["sluice.ignored"] = ignored  # Admission names them in x-sluice-ignored-fields
+        named = _within(ignored, IGNORED_HEADER_MAX)
+        log.info("%s: ignoring unknown fields %s", request.url.path, ", ".join(named))
+        request.scope["sluice.ignored"] = named  # Admission names them in x-sluice-ignored-fields
     return body
+
+
+def _within(names: list[str], limit: int) -> list[str]:
+    """The names, or as many as fit in `limit` characters with a last "..." saying some were left out.
+    Each is already percent-encoded: a client's field name may hold any character (a control character
+    in a header makes the server drop the connection), and a comma inside a name is encoded."""
+    if len(",".join(names)) <= limit:
+        return names
+    kept, size = [], len(",...")
+    for name in names:
+        size += len(name) + 1
+        if size > limit:
+            break
+        kept.append(name)
+    return [*kept, "..."]

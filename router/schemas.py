@@ -24,7 +24,9 @@ Seed = Annotated[int | None, Field(ge=0, lt=2**64)]
 
 class _Body(BaseModel):
     # No inf/nan floats: JSON's 1e999 parses as inf, and an infinite temperature or penalty makes NaN logits.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Strict types, as the OpenAPI document states them: no "true" or 1 for a boolean, no "5" for a number
+    # (an int is still a float); JSON has the types, a client that sends the wrong one gets a 422 naming it.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class _Request(_Body):
@@ -34,6 +36,12 @@ class _Request(_Body):
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+
+def _enum(*values: str) -> Any:
+    """The values a string field takes, for the OpenAPI document; the check that names the field stays in
+    its validator (or in constraints.py), so the 422 reads as before."""
+    return Field(json_schema_extra={"enum": list(values)})
 
 
 def _must_be_unset(value: Any, info) -> Any:
@@ -46,7 +54,7 @@ def _must_be_unset(value: Any, info) -> Any:
 
 
 class Grammar(_Body):
-    type: str
+    type: Annotated[str, _enum("json", "json_object", "json_schema", "regex")]  # checked in constraints.py
     value: Any = None
 
 
@@ -75,7 +83,7 @@ class Parameters(_Request):
 
 
 class GenerateRequest(_Request):
-    inputs: str
+    inputs: Annotated[str, Field(json_schema_extra={"minLength": 1})]  # an empty prompt: 422 in jobs.tgi_job
     parameters: Parameters | None = None
     stream: bool | None = None
 
@@ -88,7 +96,7 @@ class TokenizeRequest(_Request):
 
 
 class ContentPart(_Body):
-    type: str
+    type: Annotated[str, _enum("text")]  # others are refused by Message._text_only
     text: str | None = None
 
 
@@ -103,8 +111,11 @@ class ToolCall(_Body):
     function: FunctionCall
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class Message(_Body):
-    role: str
+    role: Annotated[str, _enum(*ROLES)]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
@@ -113,7 +124,7 @@ class Message(_Body):
     @field_validator("role")
     @classmethod
     def _known_role(cls, role: str) -> str:
-        if role not in ("system", "developer", "user", "assistant", "tool"):
+        if role not in ROLES:
             raise ValueError(f"unknown role {role!r}: expected system, developer, user, assistant or tool")
         return role
 
@@ -136,7 +147,7 @@ class StreamOptions(_Body):
 
 
 class ResponseFormat(_Body):
-    type: str
+    type: Annotated[str, _enum("text", "json_object", "json_schema")]  # checked in constraints.py
     json_schema: dict | None = None
 
 
@@ -147,7 +158,7 @@ class Function(_Body):
 
 
 class Tool(_Body):
-    type: str
+    type: Annotated[str, _enum("function")]
     function: Function
 
     @field_validator("type")
@@ -175,7 +186,8 @@ class _OpenAISampling(_Request):
     frequency_penalty: OpenAIPenalty = None
     presence_penalty: OpenAIPenalty = None
     n: Annotated[int | None, Field(ge=1, le=16)] = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]] | None,
+                          Field(json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}})] = None
     user: str | None = None  # accepted; this server keeps no per-user state
     # Not OpenAI, but vLLM and TGI accept them and some clients send them.
     top_k: TopK = None

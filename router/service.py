@@ -8,6 +8,7 @@ import sluice
 
 from . import schemas
 from .body import parse
+from .openapi import openapi_schema
 from .state import router_of
 
 
@@ -67,27 +68,6 @@ async def metrics(request: Request) -> Response:
     router = router_of(request)
     router.metrics.batch_size.set(sum(r.running for r in router.pool.replicas if r.healthy))
     return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-def openapi_schema() -> dict:
-    """The OpenAPI document, built from ENDPOINTS (so it cannot miss a route)."""
-    from .app import ENDPOINTS, RESPONSES  # the route table names these handlers
-
-    errors = {"422": {"description": "validation error"}, "429": {"description": "overloaded"}}
-    paths = {}
-    for e in ENDPOINTS:
-        op: dict = {"summary": e.summary, "responses": dict(RESPONSES[e.kind])}
-        if e.body is not None:
-            op["requestBody"] = {"required": True,
-                                 "content": {"application/json": {"schema": e.body.model_json_schema()}}}
-            op["responses"].update(errors)
-        paths[e.path] = {e.method.lower(): op}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Sluice", "version": sluice.__version__,
-                 "description": "TGI- and OpenAI-compatible text generation"},
-        "paths": paths,
-    }
 
 
 async def openapi(request: Request) -> Response:

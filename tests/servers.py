@@ -31,6 +31,16 @@ def wait_healthy(url: str, procs: list[subprocess.Popen], log_path: Path, timeou
         raise RuntimeError(f"server {exc}:\n{log_path.read_text()[-4000:]}") from None
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus samples without labels or with them, as {'name{labels}': value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 class Server:
     def __init__(self, tmp: Path, **flags) -> None:
         self.port = free_port()
@@ -50,13 +60,7 @@ class Server:
         wait_healthy(self.url, [self.proc], self.log_path, timeout)
 
     def metrics(self) -> dict[str, float]:
-        """Prometheus samples without labels or with them, as {'name{labels}': value}."""
-        out = {}
-        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10).text)
 
     def stop(self) -> int:
         code = stop(self.proc, 30)

@@ -77,25 +77,22 @@ def test_close_during_long_prefill(srv):
     idle(srv, before)
 
 
-def test_stalled_readers_get_whole_streams(tiny_llama, tmp_path_factory):
+def test_stalled_readers_get_whole_streams(tiny_fp32_server):
     """Clients that read nothing until the engine is done. The router's pump sends one event at a time
     and awaits uvicorn's drain whenever the socket's buffer passes its high-water mark (64 kB), so a
     stalled reader costs the router one event plus that buffer (the rest waits in the kernel's socket
     buffers, or in gRPC's flow-control window, which in turn stops the shard's sender); the engine never
     waits on a client and finishes regardless. When the clients read, every stream is whole."""
-    tiny = Server(tmp_path_factory.mktemp("slow"), model_id=tiny_llama, max_input_tokens=8, max_total_tokens=512)
-    try:
-        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "details": True}}
-        socks = [open_stream(tiny.url, body, rcvbuf=4096) for _ in range(4)]
-        wait_for(lambda: tiny.metrics()["sluice_requests_in_flight"] == 4)
-        wait_for(lambda: shard(tiny.url)["running"] == 0 and shard(tiny.url)["waiting"] == 0)
-        for s in socks:
-            s.settimeout(120)
-            out = read_until(s, b"\r\n0\r\n\r\n")  # chunked encoding's end
-            s.close()
-            events = [json.loads(e) for e in re.findall(rb"data: (.*?)\n\n", out)]
-            assert "error" not in events[-1]
-            assert events[-1]["details"]["generated_tokens"] == len(events)
-        wait_for(lambda: tiny.metrics()["sluice_requests_in_flight"] == 0)
-    finally:
-        tiny.stop()
+    tiny = tiny_fp32_server  # shared with test_parity: the tiny model, default limits
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "details": True}}
+    socks = [open_stream(tiny.url, body, rcvbuf=4096) for _ in range(4)]
+    wait_for(lambda: tiny.metrics()["sluice_requests_in_flight"] == 4)
+    wait_for(lambda: shard(tiny.url)["running"] == 0 and shard(tiny.url)["waiting"] == 0)
+    for s in socks:
+        s.settimeout(120)
+        out = read_until(s, b"\r\n0\r\n\r\n")  # chunked encoding's end
+        s.close()
+        events = [json.loads(e) for e in re.findall(rb"data: (.*?)\n\n", out)]
+        assert "error" not in events[-1]
+        assert events[-1]["details"]["generated_tokens"] == len(events)
+    wait_for(lambda: tiny.metrics()["sluice_requests_in_flight"] == 0)

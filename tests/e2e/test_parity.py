@@ -36,21 +36,21 @@ def check_all(url: str, model) -> None:
         assert ours == ref, f"prompt {prompt!r}: ours {ours} != transformers {ref}"
 
 
-def test_gguf_greedy_matches_transformers(start_server):
+def test_gguf_greedy_matches_transformers(fp32_server):
     from transformers import AutoModelForCausalLM
 
     from sluice.modelfiles import resolve
 
-    url = start_server(dtype="float32")
+    url = fp32_server
     path = resolve(None).path
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     check_all(url, model)
 
 
-def test_safetensors_greedy_matches_transformers(start_server, tiny_llama):
+def test_safetensors_greedy_matches_transformers(tiny_fp32_server, tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    url = start_server(dtype="float32", model_id=tiny_llama)
+    url = tiny_fp32_server.url
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
     check_all(url, model)
     info = httpx.get(url + "/info").json()

@@ -1,10 +1,10 @@
 """`--shard-address dns:///NAME:PORT`: the router resolves the name itself and keeps one replica per
 address (compose --scale, Kubernetes headless Services). Here a real shard behind `localhost`; the
-compose stack test (test_deploy_stack.py) covers two replicas behind one name.
+compose stack test (test_deploy_stack.py) covers two replicas behind one name; tests/unit/test_resolve.py
+the name expansion alone.
 `sluice health` is the probe the image and the manifests use."""
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -12,14 +12,7 @@ import sys
 import httpx
 from servers import ROOT, free_port, wait_healthy
 
-from router.pool import resolve
 from sluice.process import stop
-
-
-def test_resolve_expands_dns_names_only():
-    assert asyncio.run(resolve("127.0.0.1:5")) == ["127.0.0.1:5"]
-    assert asyncio.run(resolve("unix:///tmp/s.sock")) == ["unix:///tmp/s.sock"]
-    assert "ipv4:127.0.0.1:50051" in asyncio.run(resolve("dns:///localhost:50051"))
 
 
 def test_router_finds_a_shard_by_dns_name(tmp_path):

@@ -2,16 +2,16 @@
 
 Bodies are built from the router's own /openapi.json (so the document is checked to name every field a
 route takes): a random subset of each route's fields, each holding a hostile value of any JSON type, plus
-plain garbage bytes. A tiny random Llama and a small token budget keep every generation short.
+plain garbage bytes. A tiny random Llama and a small token budget keep every generation short. In-process:
+the router over real gRPC to the tiny model's shard (tests/inprocess.py).
 """
 import json
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from servers import Server
+from inprocess import InProcessRouter
 
 EXAMPLES = 50
 
@@ -24,24 +24,24 @@ json_values = st.recursive(leaf, lambda inner: st.lists(inner, max_size=4) | st.
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_llama, tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("fuzz"), model_id=tiny_llama, max_input_tokens=32, max_total_tokens=48,
-                 max_body_bytes=32768)
-    yield srv
-    srv.stop()
+def tiny(router_loop, tiny_shard):
+    router = InProcessRouter(router_loop, tiny_shard, max_input_tokens=32, max_total_tokens=48, max_body_bytes=32768)
+    yield router
+    router.close()
 
 
 @pytest.fixture(scope="module")
 def api(tiny) -> dict:
-    doc = httpx.get(tiny.url + "/openapi.json").json()
+    doc = tiny.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     return doc
 
 
 def fields(doc: dict, path: str) -> dict[str, dict]:
-    """A route's top-level body fields and, one level down, those of its `parameters` object."""
-    schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    return schema["properties"], schema.get("$defs", {})
+    """A route's top-level body fields, and the document's schemas (where `parameters` is described)."""
+    ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    defs = doc["components"]["schemas"]
+    return defs[ref.rsplit("/", 1)[1]]["properties"], defs
 
 
 def body_strategy(doc: dict, path: str):
@@ -60,10 +60,9 @@ def body_strategy(doc: dict, path: str):
     return st.fixed_dictionaries({}, optional=values)
 
 
-def check(url: str, path: str, content: bytes) -> None:
-    with httpx.stream("POST", url + path, content=content, headers={"Content-Type": "application/json"},
-                      timeout=120) as r:  # the timeout is the hang detector
-        body = r.read()
+def check(router: InProcessRouter, path: str, content: bytes) -> None:
+    r = router.post(path, content=content, headers={"Content-Type": "application/json"})  # its timeout: hangs
+    body = r.content
     assert r.status_code < 500, (r.status_code, body[:500])
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         events = [line.removeprefix(b"data: ") for line in body.split(b"\n") if line.startswith(b"data: ")]
@@ -98,7 +97,7 @@ def test_schema_shaped_bodies(tiny, api, path):
     def run(body, stream):
         if stream and isinstance(body, dict):
             body.setdefault("stream", True)
-        check(tiny.url, path, json.dumps(body).encode())
+        check(tiny, path, json.dumps(body).encode())
 
     run()
 
@@ -108,7 +107,7 @@ def test_garbage_bytes(tiny, path):
     @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())))
     def run(content):
-        check(tiny.url, path, content)
+        check(tiny, path, content)
 
     run()
 
@@ -116,11 +115,11 @@ def test_garbage_bytes(tiny, path):
 def test_get_routes_and_the_server_after(tiny, api):
     for path, ops in api["paths"].items():
         if "get" in ops:
-            r = httpx.get(tiny.url + path, params={"x": "\u0000" * 3, "stream": "yes"}, timeout=30)
+            r = tiny.get(path, params={"x": "\u0000" * 3, "stream": "yes"})
             # /health may say 503 when the machine is too busy for the shard to answer its probe in time.
             assert r.status_code == 200 or (path == "/health" and r.status_code == 503), (path, r.text)
-    assert httpx.get(tiny.url + "/nope").status_code == 404
-    assert httpx.delete(tiny.url + "/generate").status_code == 405
+    assert tiny.get("/nope").status_code == 404
+    assert tiny.request("DELETE", "/generate").status_code == 405
     counts = {k: v for k, v in tiny.metrics().items() if k.startswith("sluice_requests_total")}
     assert tiny.metrics()["sluice_requests_in_flight"] == 0
     assert not any('status="5' in k and v for k, v in counts.items())

@@ -1,6 +1,6 @@
 """The router's shard pool picking replicas: a replica that refuses before the first token (gone, or
 draining after SIGTERM: both are gRPC UNAVAILABLE) hands the request to another healthy one, so a
-rolling restart of shard replicas loses no request. Real gRPC to the shared server's shard."""
+rolling restart of shard replicas loses no request. Real gRPC to an in-process shard (tests/inprocess.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +24,9 @@ async def generate(addresses: list[str]) -> tuple[list[Reply], ShardPool]:
         await pool.close()
 
 
-def test_refused_before_the_first_token_goes_to_another_replica(server_handle, tmp_path):
+def test_refused_before_the_first_token_goes_to_another_replica(tiny_shard, tmp_path):
     gone = f"unix://{tmp_path}/gone.sock"  # picked first: same load, listed first
-    replies, pool = asyncio.run(generate([gone, server_handle.shard_address]))
+    replies, pool = asyncio.run(generate([gone, tiny_shard.address]))
     assert sum(len(r.tokens) for r in replies) == 3
     assert replies[-1].finish_reason == FinishReason.LENGTH
     assert [r.healthy for r in pool.replicas] == [False, True]

@@ -1,8 +1,7 @@
-"""What goes over the wire: SSE framing seen by curl, TGI shapes over raw HTTP, and the service routes."""
+"""What goes over the wire: SSE framing, TGI shapes over HTTP, and the service routes (in-process: the
+router on the embedded SmolLM2 over real gRPC; the bytes are the router's, whatever socket carries them)."""
 import json
-import subprocess
 
-import httpx
 import pytest
 
 N = 12
@@ -10,11 +9,10 @@ CHAT_BODY = {"model": "tgi", "messages": [{"role": "user", "content": "What is d
              "stream": True, "max_tokens": N}
 
 
-def curl_stream(url: str, body: dict) -> str:
-    out = subprocess.run(["curl", "-sN", "--fail-with-body", url, "-H", "Content-Type: application/json",
-                          "-d", json.dumps(body)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+def post_stream(router, path: str, body: dict) -> str:
+    r = router.post(path, json=body)
+    assert r.status_code == 200, r.text
+    return r.text
 
 
 def sse_payloads(raw: str) -> list[str]:
@@ -29,8 +27,8 @@ def sse_payloads(raw: str) -> list[str]:
     return [e.split("\n")[1][len("data: "):] for e in events]
 
 
-def test_curl_chat_stream_wire_format(server):
-    payloads = sse_payloads(curl_stream(server + "/v1/chat/completions", CHAT_BODY))
+def test_chat_stream_wire_format(smol):
+    payloads = sse_payloads(post_stream(smol, "/v1/chat/completions", CHAT_BODY))
     assert payloads[-1] == "[DONE]" and "[DONE]" not in payloads[:-1]
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert all("error" not in c for c in chunks)
@@ -40,9 +38,9 @@ def test_curl_chat_stream_wire_format(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_curl_completions_carry_tgi_tokens(server):
-    body = {"model": server, "prompt": "Deep learning is", "max_tokens": N, "stream": True, "temperature": 0}
-    payloads = sse_payloads(curl_stream(server + "/v1/completions", body))
+def test_completions_carry_tgi_tokens(smol):
+    body = {"model": "http://127.0.0.1:8080", "prompt": "Deep learning is", "max_tokens": N, "stream": True, "temperature": 0}
+    payloads = sse_payloads(post_stream(smol, "/v1/completions", body))
     assert payloads[-1] == "[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert all("error" not in c for c in chunks)
@@ -50,9 +48,9 @@ def test_curl_completions_carry_tgi_tokens(server):
     assert chunks[-1]["generated_text"] == "".join(c["token"]["text"] for c in chunks)
 
 
-def test_curl_tgi_stream_has_no_done(server):
+def test_tgi_stream_has_no_done(smol):
     body = {"inputs": "Deep learning is", "parameters": {"max_new_tokens": N, "details": True}}
-    payloads = sse_payloads(curl_stream(server + "/generate_stream", body))
+    payloads = sse_payloads(post_stream(smol, "/generate_stream", body))
     events = [json.loads(p) for p in payloads]  # no [DONE]: TGI streams just end
     assert all(set(e) == {"index", "token", "generated_text", "details"} for e in events)
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
@@ -61,45 +59,42 @@ def test_curl_tgi_stream_has_no_done(server):
     assert events[-1]["details"]["generated_tokens"] == len(events)
 
 
-def test_sse_headers(server):
-    with httpx.stream("POST", server + "/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-                      timeout=60) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        assert r.headers["cache-control"] == "no-cache"
-        assert r.headers["x-accel-buffering"] == "no"
-        r.read()
+def test_sse_headers(smol):
+    r = smol.post("/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["x-accel-buffering"] == "no"
 
 
-def test_tgi_generate_and_compat_route(server):
+def test_tgi_generate_and_compat_route(smol):
     body = {"inputs": "Deep learning is", "parameters": {"max_new_tokens": N, "details": True,
                                                           "decoder_input_details": True}}
-    out = httpx.post(server + "/generate", json=body, timeout=60).json()
+    out = smol.post("/generate", json=body).json()
     d = out["details"]
     assert d["finish_reason"] in ("length", "eos_token") and d["generated_tokens"] == len(d["tokens"])
     assert [t["text"] for t in d["prefill"]] == ["Deep", " learning", " is"] and d["seed"] is None
     assert d["prefill"][0]["logprob"] is None and all(t["logprob"] < 0 for t in d["prefill"][1:])
     assert "".join(t["text"] for t in d["tokens"]) == out["generated_text"]
-    compat = httpx.post(server + "/", json={**body, "stream": False}, timeout=60).json()
+    compat = smol.post("/", json={**body, "stream": False}).json()
     assert compat == [out]
     # As in TGI, prompt details are not streamed: a stream asking for them is refused.
-    assert httpx.post(server + "/", json={**body, "stream": True}, timeout=60).status_code == 422
+    assert smol.post("/", json={**body, "stream": True}).status_code == 422
     body["parameters"]["decoder_input_details"] = False
-    streamed = httpx.post(server + "/", json={**body, "stream": True}, timeout=60)
+    streamed = smol.post("/", json={**body, "stream": True})
     assert streamed.headers["content-type"].startswith("text/event-stream")
     last = json.loads(sse_payloads(streamed.text)[-1])
     assert last["generated_text"] == out["generated_text"]
-    full = httpx.post(server + "/generate", json={"inputs": "Deep learning is", "parameters": {
-        "max_new_tokens": N, "return_full_text": True}}, timeout=60).json()
+    full = smol.post("/generate", json={"inputs": "Deep learning is", "parameters": {
+        "max_new_tokens": N, "return_full_text": True}}).json()
     assert full["generated_text"] == "Deep learning is" + out["generated_text"]
 
 
-def test_tgi_stop_sequence_keeps_the_match(server):
-    text = httpx.post(server + "/generate", json={"inputs": "Deep learning is", "parameters": {"max_new_tokens": N}},
-                      timeout=60).json()["generated_text"]
+def test_tgi_stop_sequence_keeps_the_match(smol):
+    text = smol.post("/generate", json={"inputs": "Deep learning is", "parameters": {"max_new_tokens": N}}).json()["generated_text"]
     stop = text[4:7]
-    out = httpx.post(server + "/generate", json={"inputs": "Deep learning is", "parameters": {
-        "max_new_tokens": N, "stop": [stop], "details": True}}, timeout=60).json()
+    out = smol.post("/generate", json={"inputs": "Deep learning is", "parameters": {
+        "max_new_tokens": N, "stop": [stop], "details": True}}).json()
     assert out["details"]["finish_reason"] == "stop_sequence"
     # TGI stops after the token that completes the match and keeps the whole token.
     tokens = out["details"]["tokens"]
@@ -107,36 +102,36 @@ def test_tgi_stop_sequence_keeps_the_match(server):
     assert text.startswith(out["generated_text"])
 
 
-def test_truncate_keeps_the_end_of_the_input(server):
+def test_truncate_keeps_the_end_of_the_input(smol):
     body = {"inputs": "one two three four five six seven eight nine ten",
             "parameters": {"max_new_tokens": 2, "truncate": 3, "details": True}}
-    out = httpx.post(server + "/generate_stream", json=body, timeout=60)
+    out = smol.post("/generate_stream", json=body)
     assert json.loads(sse_payloads(out.text)[-1])["details"]["input_length"] == 3
 
 
-def test_info_health_models(server):
-    info = httpx.get(server + "/info").json()
+def test_info_health_models(smol):
+    info = smol.get("/info").json()
     assert info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info["model_dtype"] in ("bfloat16", "torch.bfloat16")
     assert info["max_concurrent_requests"] == 16
     assert info["max_input_tokens"] < info["max_total_tokens"]
     assert info["num_shard"] == 1 and info["router"] == "sluice" and info["version"]
-    health = httpx.get(server + "/health")
+    health = smol.get("/health")
     assert health.status_code == 200 and health.json()["shards"][0]["ok"]
-    models = httpx.get(server + "/v1/models").json()
+    models = smol.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == info["model_id"]
 
 
-def test_tokenize(server):
+def test_tokenize(smol):
     text = "Héllo world"
-    tokens = httpx.post(server + "/tokenize", json={"inputs": text}).json()
+    tokens = smol.post("/tokenize", json={"inputs": text}).json()
     assert "".join(t["text"] for t in tokens) == text
     assert all(text[t["start"]:t["stop"]] == t["text"] and isinstance(t["id"], int) for t in tokens)
 
 
-def test_metrics(server):
-    httpx.post(server + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}}, timeout=60)
-    text = httpx.get(server + "/metrics").text
+def test_metrics(smol):
+    smol.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
+    text = smol.get("/metrics").text
     for name in ("sluice_requests_total", "sluice_requests_in_flight", "tgi_queue_size", "tgi_batch_current_size",
                  "sluice_time_to_first_token_seconds_bucket", "sluice_inter_token_latency_seconds_bucket",
                  "tgi_request_generated_tokens_bucket", "tgi_request_input_length_bucket",
@@ -146,8 +141,8 @@ def test_metrics(server):
 
 
 @pytest.mark.parametrize("path", ["/openapi.json", "/docs"])
-def test_api_description(server, path):
-    r = httpx.get(server + path)
+def test_api_description(smol, path):
+    r = smol.get(path)
     assert r.status_code == 200
     if path == "/openapi.json":
         assert "/v1/chat/completions" in r.json()["paths"]

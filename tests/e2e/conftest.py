@@ -1,0 +1,24 @@
+"""Servers that several e2e modules start with identical flags, started once per session instead."""
+from __future__ import annotations
+
+import pytest
+
+from servers import Server
+
+
+@pytest.fixture(scope="session")
+def fp32_server(tmp_path_factory) -> str:
+    """The embedded SmolLM2 in float32: exact comparisons with a reference forward (test_parity,
+    test_api_features), and batch-composition independence (bf16 matmuls round differently at different
+    batch sizes, which can flip a sample)."""
+    srv = Server(tmp_path_factory.mktemp("fp32"), dtype="float32")
+    yield srv.url
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_server(tiny_llama, tmp_path_factory) -> Server:
+    """The tiny random Llama (safetensors) in float32, default limits (capped by its 512-token context)."""
+    srv = Server(tmp_path_factory.mktemp("tiny-fp32"), dtype="float32", model_id=tiny_llama)
+    yield srv
+    srv.stop()
