@@ -8,6 +8,8 @@ and the one error body every refusal uses. Shapes are open (extra keys allowed) 
 """
 from __future__ import annotations
 
+import re
+
 from pydantic.json_schema import models_json_schema
 
 import sluice
@@ -121,6 +123,12 @@ def _responses(e) -> dict:
     if e.body is not None:
         out["413"] = _error("the body is larger than --max-body-bytes")
         out["422"] = _error("the body is not valid JSON, or a field is out of range or unsupported")
+    if "{" in e.path:
+        out["404"] = _error("nothing by that id: unknown, expired, or another API key's")
+    if e.kind == "sse" and e.method == "GET":  # a resume (streams.py)
+        out["204"] = {"description": "the stream is finished and was read to its end", "headers": _HEADERS}
+        out["410"] = _error("the events after that point were dropped from the stream's buffer")
+        out["422"] = _error("a malformed Last-Event-ID or `after`")
     if e.generation:
         out["429"] = _error("overloaded: --max-concurrent-requests are in flight; retry after Retry-After")
         out["500"] = _error("the generation failed (a non-streamed request; a stream ends with an error event)")
@@ -137,6 +145,9 @@ def openapi_schema() -> dict:
     paths: dict = {}
     for e in ENDPOINTS:
         op: dict = {"summary": e.summary, "operationId": e.handler.__name__, "responses": _responses(e)}
+        names = re.findall(r"{(\w+)}", e.path)
+        if names:
+            op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": _STR} for n in names]
         if e.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[(e.body, "validation")]}}}
         paths.setdefault(e.path, {})[e.method.lower()] = op

@@ -116,6 +116,9 @@ def test_get_routes_and_the_server_after(tiny, api):
     for path, ops in api["paths"].items():
         if "get" in ops:
             r = tiny.get(path, params={"x": "\u0000" * 3, "stream": "yes"})
+            if "{" in path:  # a templated path taken literally names nothing that exists: 404 JSON
+                assert r.status_code == 404 and r.json()["error_type"] == "not_found", (path, r.text)
+                continue
             # /health may say 503 when the machine is too busy for the shard to answer its probe in time.
             assert r.status_code == 200 or (path == "/health" and r.status_code == 503), (path, r.text)
     assert tiny.get("/nope").status_code == 404
