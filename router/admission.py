@@ -1,7 +1,7 @@
-"""Admission control in front of every route: API key, draining, the concurrency limit (429), request ids."""
+"""Admission control in front of every route: API key and tenant, draining, the concurrency limits (429:
+the server's, then the tenant's own), request ids."""
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -12,8 +12,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sluice.logs import METADATA_KEY, REQUEST_ID
 
-from .errors import error_response
+from . import deadline
+from .errors import ApiError, error_response
 from .metrics import Metrics
+from .tenants import CURRENT, Tenants
 
 log = logging.getLogger("sluice.router")
 
@@ -33,17 +35,19 @@ class Load:
 class Admission:
     """Counts every generation request from its first to its last byte (or error, or disconnect) and
     turns away those beyond the limit at once with 429, never queueing them. Also gives every request
-    its id, keeps the request counters, refuses work while draining and, when an API key is set, checks it."""
+    its id, keeps the request counters, refuses work while draining, and finds its tenant (router/tenants.py:
+    the API key's, checked when keys are set), whose own limits it applies and whose metrics it keeps."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, limit: int, generation_routes: set[str],
-                 known_routes: set[str], api_key: str | None, load: Load) -> None:
+                 known_routes: set[str], tenants: Tenants, load: Load, open_routes: set[tuple[str, str]]) -> None:
         self.app = app
         self.metrics = metrics
         self.limit = limit
         self.generation_routes = generation_routes
         self.known_routes = known_routes
-        self.expected_auth = f"Bearer {api_key}".encode() if api_key else None
+        self.tenants = tenants
         self.load = load
+        self.open_routes = open_routes  # (method, path) answered without a key: health, metrics, the demo page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,38 +70,61 @@ class Admission:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
+        generation = scope["method"] == "POST" and path in self.generation_routes
+        usage = None
         try:
-            if self.expected_auth and path not in ("/health", "/metrics") and not self._authorized(headers):
-                return await error_response(401, "missing or wrong API key", "authentication")(
-                    scope, receive, send_and_note)
+            if (scope["method"], path) not in self.open_routes:
+                tenant = self.tenants.identify(headers)
+                if isinstance(tenant, str):  # why there is none
+                    code, kind = (401, "authentication") if self.tenants.auth_required else (422, "validation")
+                    return await error_response(code, tenant, kind)(scope, receive, send_and_note)
+                usage = self.tenants.usage_of(tenant)
             if self.load.draining and path != "/metrics":
                 # 503 (not 429) on purpose: load balancers take it, and /health's 503, as "go elsewhere".
                 # Connection: close so that keep-alive clients reconnect to another instance.
                 return await error_response(503, "the server is shutting down; retry on another instance",
                                             "unavailable", {"Connection": "close"})(scope, receive, send_and_note)
-            if scope["method"] != "POST" or path not in self.generation_routes:
+            if not generation:
                 return await self.app(scope, receive, send_and_note)
+            refusal = None
             if self.load.in_flight >= self.limit:
-                message = f"Model is overloaded: {self.limit} requests already in flight, try again shortly"
-                return await error_response(429, message, "overloaded", {"Retry-After": "1"})(
+                refusal = f"Model is overloaded: {self.limit} requests already in flight, try again shortly", 1
+            refusal = refusal or self.tenants.refusal(usage, time.monotonic())
+            if refusal:
+                message, retry_after = refusal
+                return await error_response(429, message, "overloaded", {"Retry-After": str(retry_after)})(
                     scope, receive, send_and_note)
-            await self._admitted(route, scope, receive, send_and_note)
+            try:
+                at = deadline.parse_header(headers[deadline.DEADLINE_HEADER]) if deadline.DEADLINE_HEADER in headers \
+                    else None
+            except ApiError as exc:
+                return await error_response(exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
+            # The handler, its stream and the shard request read the tenant and the deadline from here.
+            tokens = CURRENT.set(usage), deadline.AT.set(at)
+            try:
+                await self._admitted(route, usage, scope, receive, send_and_note)
+            finally:
+                CURRENT.reset(tokens[0])
+                deadline.AT.reset(tokens[1])
         finally:
             self.metrics.requests.labels(route, str(status)).inc()
-            if scope["method"] == "POST" and path in self.generation_routes:
+            if generation:
                 self.metrics.generation_finished(status)
+                if status == 429 and usage is not None:
+                    self.metrics.tenant_overloaded.labels(usage.label).inc()
 
-    async def _admitted(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _admitted(self, route: str, usage, scope: Scope, receive: Receive, send: Send) -> None:
         self.load.in_flight += 1
+        usage.in_flight += 1
         self.metrics.in_flight.inc()
+        tenant_gauge = self.metrics.tenant_in_flight.labels(usage.label)
+        tenant_gauge.inc()
         start = time.perf_counter()
         try:
             await self.app(scope, receive, send)
         finally:
             self.load.in_flight -= 1
+            usage.in_flight -= 1
             self.metrics.in_flight.dec()
+            tenant_gauge.dec()
             self.metrics.duration.labels(route).observe(time.perf_counter() - start)
-
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        # Constant time: how long a wrong key takes to refuse says nothing about how much of it matched.
-        return hmac.compare_digest(headers.get(b"authorization", b""), self.expected_auth)

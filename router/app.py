@@ -23,10 +23,12 @@ from .config import RouterSettings
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openai import chat_completions, completions
+from .page import demo_page
 from .pool import ShardPool
 from .service import docs, health, info, metrics, models, openapi, openapi_schema, tokenize
 from .state import Router
 from .streams import StreamStore, resume_stream
+from .tenants import Tenants
 from .tgi import tgi_compat, tgi_generate, tgi_generate_stream
 
 
@@ -49,6 +51,7 @@ class Endpoint:
 ENDPOINTS: list[Endpoint] = [
     Endpoint("/", "POST", tgi_compat, "TGI generate; streams when `stream` is true", schemas.GenerateRequest,
              "both", generation=True, returns="GenerateResponses", events="TgiEvent"),
+    Endpoint("/", "GET", demo_page, "the streaming demo page, for browsers", kind="html"),
     Endpoint("/generate", "POST", tgi_generate, "TGI generate", schemas.GenerateRequest, generation=True,
              returns="GenerateResponse"),
     Endpoint("/generate_stream", "POST", tgi_generate_stream, "TGI generate, streamed", schemas.GenerateRequest,
@@ -69,6 +72,8 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("/docs", "GET", docs, "a page pointing at this document", kind="html"),
 ]
 GENERATION_ROUTES = {e.path for e in ENDPOINTS if e.generation}
+# Answered without an API key: probes, scrapers, and the demo page (which asks for the key itself).
+OPEN_ROUTES = {("GET", "/health"), ("GET", "/metrics"), ("GET", "/")}
 
 
 async def on_api_error(request: Request, exc: ApiError) -> Response:
@@ -82,6 +87,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     router = Router(settings, metrics_, pool)
     load = Load()
     streams = StreamStore(settings, metrics_, load)
+    tenants = Tenants(settings.api_key, settings.api_keys_file, metrics_)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -98,9 +104,10 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     app.state.router = router
     app.state.load = load
     app.state.streams = streams
+    app.state.tenants = tenants  # server.py rereads the keys file on SIGHUP
     app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
                        generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},
-                       api_key=settings.api_key, load=load)
+                       tenants=tenants, load=load, open_routes=OPEN_ROUTES)
     return app
 
 

@@ -24,6 +24,9 @@ class RouterSettings:
     max_top_n_tokens: int = option(5, env="MAX_TOP_N_TOKENS", type=int, help="alternatives with logprobs per token")
     api_key: str | None = option(None, env="SLUICE_API_KEY",
                                  help="require `Authorization: Bearer KEY` on every route but /health and /metrics")
+    api_keys_file: str | None = option(None, env="SLUICE_API_KEYS_FILE",
+                                       help="one `KEY TENANT [max_concurrent=N] [tokens_per_minute=N] [weight=W]` "
+                                            "per line: every key is accepted, each for its tenant; reread on SIGHUP")
     max_body_bytes: int = option(4 * 1024 * 1024, env="MAX_BODY_BYTES", type=int,
                                  help="larger request bodies get 413 without being read")
     shutdown_timeout_s: float = option(30.0, flag="--shutdown-timeout", env="SHUTDOWN_TIMEOUT", type=float,

@@ -44,6 +44,9 @@ class ShardRequest:
     top_n_tokens: int = 0
     grammar: str = ""
     prompt_logprobs: bool = False
+    tenant: str = ""  # fair scheduling in the shard (router/tenants.py names it)
+    priority: int = 0  # lower is served first
+    tenant_weight: float = 0.0  # 0 = off (1.0)
 
 
 @dataclass
@@ -90,3 +93,5 @@ class ShardHealth:
     running: int = 0
     waiting: int = 0
     free_kv_blocks: int = 0
+    prefill_tokens_per_s: float = 0.0  # measured by the shard over recent steps; 0 until measured
+    decode_step_s: float = 0.0

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 from starlette.responses import Response
 
+from . import deadline, tenants
 from .contract import FinishReason, ShardRequest, Token
 from .errors import ApiError, error_response
 from .metrics import Metrics
@@ -170,8 +171,12 @@ class TextGenerator:
         start = last = time.perf_counter()
         m.queue.inc()
         waiting = first = True
+        replies = self.pool.generate(request)
+        at = deadline.AT.get()  # the request's deadline: the shard call is cancelled when it passes
+        if at is not None:
+            replies = deadline.until(at, replies)
         try:
-            async for reply in self.pool.generate(request):
+            async for reply in replies:
                 now = time.perf_counter()
                 if first:  # prompt length and the seed actually used come with the first message
                     gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
@@ -180,7 +185,9 @@ class TextGenerator:
                                                    self.tokenizer.decode([t.id], skip_special_tokens=False))
                                    for t in reply.prefill]
                     first = False
+                    tenants.charge(gen.prompt_tokens, "prompt")
                 if reply.tokens:
+                    tenants.charge(len(reply.tokens), "generated")
                     if waiting:
                         m.queue.dec()
                         waiting = False
@@ -217,6 +224,8 @@ class TextGenerator:
                     return
             # The stream ended without a finish reason: the shard went away mid-request.
             raise IncompleteGeneration("the shard closed the stream before the generation finished")
+        except deadline.DeadlinePassed as exc:
+            raise IncompleteGeneration(str(exc)) from exc
         finally:
             if waiting:
                 m.queue.dec()

@@ -1,7 +1,8 @@
 """From a parsed body to a shard request: one set of rules for both dialects (TGI and OpenAI).
 
 Token budget, stop sequences, top-n, vocabulary range, n/best_of candidates and sampling parameters are
-checked and normalized here, once.
+checked and normalized here, once; so are the tenant and priority the shard schedules by, and the deadline
+check (router/deadline.py).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from . import constraints, schemas
+from . import constraints, deadline, schemas, tenants
 from .contract import Sampling, ShardRequest
 from .errors import ApiError
 from .state import Router
@@ -97,7 +98,8 @@ def budget(router: Router, prompt_len: int, max_new_tokens: int | None, default:
 
 def build_job(router: Router, ids: list[int], prompt_text: str, max_new_tokens: int, stops: list[str] | None,
               sampled: bool, temperature: float | None, top_n: int = 0, grammar: str = "",
-              prompt_logprobs: bool = False, ignore_eos: bool = False, **params) -> Job:
+              prompt_logprobs: bool = False, ignore_eos: bool = False, priority: int | None = None,
+              deadline_s: float | None = None, **params) -> Job:
     stops = [s for s in stops or [] if s]
     if len(stops) > router.settings.max_stop_sequences:
         raise ApiError(422, f"stop: at most {router.settings.max_stop_sequences} stop sequences, got {len(stops)}")
@@ -107,11 +109,15 @@ def build_job(router: Router, ids: list[int], prompt_text: str, max_new_tokens: 
     # The tokenizer's eos can be the chat turn end that the model's own eos list lacks; ignore_eos
     # ignores both (stop_token_ids would still finish the sequence, per the proto).
     eos = None if ignore_eos else router.tokenizer.eos_token_id
+    tenant = tenants.current()
     request = ShardRequest(
         request_id=uuid.uuid4().hex, input_ids=ids, params=params, max_new_tokens=max_new_tokens,
         stop_token_ids=[eos] if eos is not None else [], ignore_eos=ignore_eos, top_n_tokens=top_n,
         grammar=grammar, prompt_logprobs=prompt_logprobs,
+        tenant=tenant.name, priority=priority or 0, tenant_weight=tenant.weight,
     )
+    deadline.check(deadline.deadline_at(deadline_s),
+                   deadline.first_token_s(router.pool.replicas, request.priority, tenant.name, len(ids)))
     return Job(request, stops, prompt_text, sampled)
 
 
@@ -135,7 +141,8 @@ def tgi_job(router: Router, body: schemas.GenerateRequest) -> Job:
     return build_job(router, ids, body.inputs, max_new, p.stop, sampled, p.temperature, p.top_n_tokens or 0,
                      grammar=grammar, prompt_logprobs=bool(p.decoder_input_details),
                      top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed,
-                     frequency_penalty=p.frequency_penalty, typical_p=p.typical_p if sampled else None)
+                     frequency_penalty=p.frequency_penalty, typical_p=p.typical_p if sampled else None,
+                     priority=body.priority, deadline_s=body.deadline)
 
 
 def openai_job(router: Router, body: schemas.ChatCompletionRequest | schemas.CompletionRequest, ids: list[int],
@@ -147,6 +154,7 @@ def openai_job(router: Router, body: schemas.ChatCompletionRequest | schemas.Com
     check_vocab(bias, router.vocab_size(), "logit_bias", below_only=True)
     return build_job(router, ids, prompt_text, max_new, body.stop_list(), temperature > 0, temperature, top_n,
                      grammar=grammar, prompt_logprobs=prompt_logprobs, ignore_eos=bool(body.ignore_eos),
+                     priority=body.priority, deadline_s=body.deadline,
                      logit_bias=bias or None,
                      top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
                      seed=body.seed, frequency_penalty=body.frequency_penalty,

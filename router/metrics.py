@@ -55,6 +55,14 @@ class Metrics:
                                        registry=r)
         self.failovers = Counter("sluice_failovers", "Generations moved to another replica mid-stream", registry=r)
 
+        # Per tenant, labelled by router/tenants.py: the configured tenants' names, else "other" (bounded).
+        self.tenant_in_flight = Gauge("sluice_tenant_requests_in_flight", "Admitted generation requests per tenant",
+                                      ["tenant"], registry=r)
+        self.tenant_tokens = Counter("sluice_tenant_tokens", "Tokens served per tenant: prompt and generated",
+                                     ["tenant", "kind"], registry=r)
+        self.tenant_overloaded = Counter("sluice_tenant_overloaded", "Generation requests refused with 429 per tenant",
+                                         ["tenant"], registry=r)
+
     def generation_finished(self, status: int) -> None:
         self.request_count.inc()
         if status < 400:

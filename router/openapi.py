@@ -118,7 +118,7 @@ def _responses(e) -> dict:
             content[media] = {"schema": _STR}
     ok = {"description": "OK", "headers": {**_HEADERS, **(_IGNORED if e.body else {})}, "content": content}
     out = {"200": ok,
-           "401": _error("with --api-key: a missing or wrong key (never on /health and /metrics)"),
+           "401": _error("with --api-key or --api-keys-file: a missing or wrong key (never on /health, /metrics and GET /)"),
            "503": _error("shutting down (draining); on /health also: no shard answered (then with `shards`)")}
     if e.body is not None:
         out["413"] = _error("the body is larger than --max-body-bytes")
@@ -130,7 +130,8 @@ def _responses(e) -> dict:
         out["410"] = _error("the events after that point were dropped from the stream's buffer")
         out["422"] = _error("a malformed Last-Event-ID or `after`")
     if e.generation:
-        out["429"] = _error("overloaded: --max-concurrent-requests are in flight; retry after Retry-After")
+        out["429"] = _error("overloaded: --max-concurrent-requests are in flight, or the tenant's own limits "
+                              "are reached (retry after Retry-After), or the queue cannot meet the deadline")
         out["500"] = _error("the generation failed (a non-streamed request; a stream ends with an error event)")
     return out
 

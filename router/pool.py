@@ -12,7 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import grpc
 
@@ -20,6 +20,7 @@ from sluice.logs import METADATA_KEY, REQUEST_ID
 from sluice.pb import shard_pb2, shard_pb2_grpc
 
 from .contract import FinishReason, Reply, ShardHealth, ShardInfo, ShardRequest, Token, TopToken
+from .deadline import Waiting
 from .failover import continuation
 
 log = logging.getLogger("sluice.router")
@@ -54,7 +55,8 @@ def _info(reply: shard_pb2.InfoResponse) -> ShardInfo:
 
 
 def _health(reply: shard_pb2.HealthResponse | None) -> ShardHealth | None:
-    return None if reply is None else ShardHealth(reply.ok, reply.running, reply.waiting, reply.free_kv_blocks)
+    return None if reply is None else ShardHealth(reply.ok, reply.running, reply.waiting, reply.free_kv_blocks,
+                                                  reply.prefill_tokens_per_s, reply.decode_step_s)
 
 
 class ShardUnavailable(RuntimeError):
@@ -78,6 +80,9 @@ class Replica:
     healthy: bool = False
     in_flight: int = 0
     running: int = 0  # sequences in the shard's batch, as of the last health check
+    prefill_tokens_per_s: float = 0.0  # the shard's measured rates, as of the last health check
+    decode_step_s: float = 0.0
+    waiting: list[Waiting] = field(default_factory=list)  # sent here, no first token yet (router/deadline.py)
 
 
 async def resolve(address: str) -> list[str]:
@@ -191,6 +196,8 @@ class ShardPool:
                 reply = None
         replica.healthy = bool(reply and reply.ok)
         replica.running = reply.running if reply else 0
+        if reply:
+            replica.prefill_tokens_per_s, replica.decode_step_s = reply.prefill_tokens_per_s, reply.decode_step_s
         return reply
 
     async def _poll_health(self) -> None:
@@ -222,15 +229,19 @@ class ShardPool:
             replica = self._pick(tried)
             tried.add(replica.address)
             replica.in_flight += 1
+            waiting = Waiting(request.priority, request.tenant, len(current.input_ids))
+            replica.waiting.append(waiting)
             call = replica.stub.Generate(to_wire(current), metadata=((METADATA_KEY, REQUEST_ID.get()),))
             self._calls.add(call)
             started = False
             try:
                 async for wire_reply in call:
                     reply = from_wire(wire_reply)
-                    if not started and current is request:
-                        seed = reply.seed  # the request's, or the one the shard picked (shard.proto)
-                    started = True
+                    if not started:
+                        started = True
+                        replica.waiting.remove(waiting)
+                        if current is request:
+                            seed = reply.seed  # the request's, or the one the shard picked (shard.proto)
                     sent += [t.id for t in reply.tokens]
                     yield reply
                 return
@@ -261,6 +272,8 @@ class ShardPool:
             finally:
                 self._calls.discard(call)
                 replica.in_flight -= 1
+                if not started:
+                    replica.waiting.remove(waiting)
                 call.cancel()
 
     async def _failed(self, replica: Replica, exc: grpc.aio.AioRpcError) -> bool:

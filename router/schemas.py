@@ -38,6 +38,13 @@ class _Request(_Body):
         return sorted(self.model_extra or {})
 
 
+class _Scheduled(_Request):
+    """Top-level on every generation body, TGI's and OpenAI's (vLLM's `priority` extra)."""
+
+    priority: Annotated[int | None, Field(ge=-(2**31), lt=2**31)] = None  # lower is served first; int32 on the wire
+    deadline: Annotated[float | None, Field(gt=0)] = None  # seconds from now (router/deadline.py)
+
+
 def _enum(*values: str) -> Any:
     """The values a string field takes, for the OpenAPI document; the check that names the field stays in
     its validator (or in constraints.py), so the 422 reads as before."""
@@ -82,7 +89,7 @@ class Parameters(_Request):
     _unsupported = field_validator("watermark", "adapter_id")(_must_be_unset)
 
 
-class GenerateRequest(_Request):
+class GenerateRequest(_Scheduled):
     inputs: Annotated[str, Field(json_schema_extra={"minLength": 1})]  # an empty prompt: 422 in jobs.tgi_job
     parameters: Parameters | None = None
     stream: bool | None = None
@@ -174,7 +181,7 @@ class NamedToolChoice(_Body):
     function: Function | dict
 
 
-class _OpenAISampling(_Request):
+class _OpenAISampling(_Scheduled):
     model: str | None = None
     max_tokens: NewTokens = None
     temperature: Annotated[float | None, Field(ge=0, le=2)] = None

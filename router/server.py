@@ -70,6 +70,7 @@ def serve(settings: RouterSettings) -> None:
     sock = _bind(settings.hostname, settings.port)
     app = create_app(settings)
     load: Load = app.state.load
+    signal.signal(signal.SIGHUP, lambda sig, frame: app.state.tenants.reload())  # the keys file, reread
     # log_config=None: uvicorn's loggers go through ours (the request id in every line, the access log too).
     config = uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=5,
                             timeout_keep_alive=30)

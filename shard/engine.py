@@ -26,6 +26,7 @@ from shard.grammar import mask_logits
 from shard.memory import TRIM_INTERVAL_S, release_free_memory
 from shard.model_runner import ModelRunner
 from shard.models.llama import LlamaModel
+from shard.rates import StepRates
 from shard.sampler import Sampled, sample
 from shard.scheduler import Scheduler
 from shard.sequence import FINISH_EOS, FINISH_LENGTH, Sequence
@@ -67,6 +68,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.steps = 0
+        self.rates = StepRates()
         self.failed: str | None = None  # set when the tensor-parallel group broke: the shard is unhealthy
         self._trimmed_at, self._trimmed_step = time.monotonic(), 0
         self.on_fatal: Callable[[str], None] | None = None
@@ -153,7 +155,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop:
             while self._inbox:
-                self.scheduler.waiting.append(self._inbox.popleft())
+                self.scheduler.add(self._inbox.popleft())
             for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled]:
                 self.scheduler.remove(seq)
             idle = not self.scheduler.running and not self.scheduler.waiting
@@ -189,12 +191,15 @@ class Engine:
         if not scheduled:
             time.sleep(0.001)  # nothing fits yet (KV full of waiting prompts): let cancels land
             return
+        started = time.perf_counter()
+        prefill_tokens = sum(n for seq, n in scheduled if seq.num_computed + n < seq.num_tokens or n > 1)
         samplers, logits = self.runner.step(scheduled)
         results = self._sample(samplers, logits) if samplers else []
         self.scheduler.advance(scheduled)
         for seq, res in zip(samplers, results):
             self._append(seq, res)
         self.steps += 1
+        self.rates.observe(prefill_tokens, time.perf_counter() - started)
 
     @staticmethod
     def _sample(samplers: list[Sequence], logits: torch.Tensor) -> list[Sampled]:

@@ -1,10 +1,16 @@
 """Which sequences run in the next step, and how many of their tokens: continuous batching under a
-token budget, a batch size and the free KV blocks, with preemption when the blocks run out."""
+token budget, a batch size and the free KV blocks, with preemption when the blocks run out.
+
+Order is fair (shard/fairness.py): running sequences get their tokens, and waiting ones are admitted,
+by (priority, the tenant's weighted service so far, arrival); a preempted sequence is the one last in
+that order, so the tenant with the most service gives way first.
+"""
 from __future__ import annotations
 
-from collections import deque
+import itertools
 
 from shard.block_manager import BlockManager
+from shard.fairness import Fairness
 from shard.sequence import Sequence
 
 
@@ -13,9 +19,16 @@ class Scheduler:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_batch_prefill_tokens = max_batch_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.fair = Fairness()
+        self._arrivals = itertools.count()
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival = next(self._arrivals)
+        self.fair.joined(seq)
+        self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
         self.blocks.free(seq)
@@ -23,20 +36,24 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            return
+        self.fair.left(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        # Out of KV blocks: drop the newest sequence's cache and recompute it later (its tokens
-        # so far are kept, so the client sees no difference but a pause).
+        # Out of KV blocks: drop the sequence's cache and recompute it later (its tokens so far are
+        # kept, so the client sees no difference but a pause).
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
         self.preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.append(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, number of tokens to compute this step), running sequences first."""
         budget = self.max_batch_prefill_tokens
         out: list[tuple[Sequence, int]] = []
+        self.running.sort(key=self.fair.order)
         for seq in list(self.running):
             if seq not in self.running:  # preempted below for an earlier sequence
                 continue
@@ -44,30 +61,38 @@ class Scheduler:
             if n <= 0:
                 continue
             total = seq.num_computed + n
-            while not self.blocks.can_grow(seq, total) and self.running[-1] is not seq:
-                self._preempt(self.running[-1])
-            if not self.blocks.can_grow(seq, total):
-                self._preempt(seq)
+            while not self.blocks.can_grow(seq, total):
+                # The victim is last in fair order among those not scheduled yet (this one included).
+                victim = max((s for s in self.running if s not in {o for o, _ in out}), key=self.fair.order)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
                 continue
             self.blocks.allocate(seq, total)
             out.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
+            # One at a time: admitting charges the tenant's prompt, which may change who is next.
+            seq = min(self.waiting, key=self.fair.order)
             cached = self.blocks.cached_prefix(seq)
             start = self.blocks.tokens_in(cached)
             n = min(seq.num_tokens - start, budget)
             if not self.blocks.can_admit(seq, cached, start + n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.admit(seq, cached, start + n)
+            self.fair.admitted(seq)
             self.running.append(seq)
             out.append((seq, n))
             budget -= n
         return out
 
     def advance(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """After the step's forward: its tokens are in the cache, and the blocks they filled are named."""
+        """After the step's forward: its tokens are in the cache, and the blocks they filled are named.
+        A sequence whose tokens are all computed samples one now, and its tenant is charged for it."""
         for seq, n in scheduled:
             seq.num_computed += n
             self.blocks.register_full(seq)
+            if seq.num_computed == seq.num_tokens:
+                self.fair.generated(seq)

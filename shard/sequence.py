@@ -33,6 +33,9 @@ class Sequence:
         ignore_eos: bool = False,  # the model's eos does not finish; stop_token_ids still do
         matcher=None,  # an llguidance LLMatcher that every sampled token must satisfy
         prompt_logprobs: bool = False,
+        tenant: str = "",  # fair scheduling (shard/fairness.py): whose service this is
+        priority: int = 0,  # lower is admitted first
+        weight: float = 1.0,  # the tenant's share; its service counts 1/weight
     ) -> None:
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
@@ -51,6 +54,11 @@ class Sequence:
         self.blocks: list[int] = []
         self.block_hashes: list[int] = []  # names of this sequence's full blocks, in order
         self.cancelled = False
+        self.tenant = tenant
+        self.priority = priority
+        self.weight = weight if weight > 0 else 1.0
+        self.arrival = 0  # set by the scheduler: order among equals
+        self.prompt_charged = False
 
     @property
     def num_tokens(self) -> int:

@@ -76,7 +76,9 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         running, waiting, free = self.engine.stats()
-        return pb.HealthResponse(ok=self.engine.alive(), running=running, waiting=waiting, free_kv_blocks=free)
+        rates = self.engine.rates
+        return pb.HealthResponse(ok=self.engine.alive(), running=running, waiting=waiting, free_kv_blocks=free,
+                                 prefill_tokens_per_s=rates.prefill_tokens_per_s, decode_step_s=rates.decode_step_s)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
@@ -105,6 +107,9 @@ class ShardService(pb_grpc.ShardServicer):
             ignore_eos=request.ignore_eos,
             matcher=matcher,
             prompt_logprobs=request.prompt_logprobs,
+            tenant=request.tenant,
+            priority=request.priority,
+            weight=request.tenant_weight or 1.0,
         )
         try:
             self.engine.submit(seq)

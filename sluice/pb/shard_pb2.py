@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/pb/shard.proto\x12\tsluice.v1\"\r\n\x0bInfoRequest\"\xe3\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_shard\x18\x04 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\r\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\"\x0f\n\rHealthRequest\"V\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x04 \x01(\r\"\xc6\x02\n\x0eSamplingParams\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12<\n\nlogit_bias\x18\t \x03(\x0b\x32(.sluice.v1.SamplingParams.LogitBiasEntry\x12\x11\n\ttypical_p\x18\n \x01(\x02\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xe7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x07 \x01(\r\x12\x0f\n\x07grammar\x18\x08 \x01(\t\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\"\'\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"M\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\'\n\ntop_tokens\x18\x03 \x03(\x0b\x32\x13.sluice.v1.TopToken\"\xac\x01\n\x10GenerateResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Token\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12!\n\x07prefill\x18\x05 \x03(\x0b\x32\x10.sluice.v1.Token*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x32\xc6\x01\n\x05Shard\x12\x37\n\x04Info\x12\x16.sluice.v1.InfoRequest\x1a\x17.sluice.v1.InfoResponse\x12=\n\x06Health\x12\x18.sluice.v1.HealthRequest\x1a\x19.sluice.v1.HealthResponse\x12\x45\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x1b.sluice.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sluice/pb/shard.proto\x12\tsluice.v1\"\r\n\x0bInfoRequest\"\xe3\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_shard\x18\x04 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x15\n\reos_token_ids\x18\x07 \x03(\r\x12\x17\n\x0fkv_cache_tokens\x18\x08 \x01(\r\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\"\x0f\n\rHealthRequest\"\x8b\x01\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\x04 \x01(\r\x12\x1c\n\x14prefill_tokens_per_s\x18\x05 \x01(\x02\x12\x15\n\rdecode_step_s\x18\x06 \x01(\x02\"\xc6\x02\n\x0eSamplingParams\x12\x11\n\tdo_sample\x18\x01 \x01(\x08\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12<\n\nlogit_bias\x18\t \x03(\x0b\x32(.sluice.v1.SamplingParams.LogitBiasEntry\x12\x11\n\ttypical_p\x18\n \x01(\x02\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xa0\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x07 \x01(\r\x12\x0f\n\x07grammar\x18\x08 \x01(\t\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\x12\x0e\n\x06tenant\x18\n \x01(\t\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12\x15\n\rtenant_weight\x18\x0c \x01(\x02\"\'\n\x08TopToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"M\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\'\n\ntop_tokens\x18\x03 \x03(\x0b\x32\x13.sluice.v1.TopToken\"\xac\x01\n\x10GenerateResponse\x12 \n\x06tokens\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Token\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12!\n\x07prefill\x18\x05 \x03(\x0b\x32\x10.sluice.v1.Token*^\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x32\xc6\x01\n\x05Shard\x12\x37\n\x04Info\x12\x16.sluice.v1.InfoRequest\x1a\x17.sluice.v1.InfoResponse\x12=\n\x06Health\x12\x18.sluice.v1.HealthRequest\x1a\x19.sluice.v1.HealthResponse\x12\x45\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x1b.sluice.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1244
-  _globals['_FINISHREASON']._serialized_end=1338
+  _globals['_FINISHREASON']._serialized_start=1355
+  _globals['_FINISHREASON']._serialized_end=1449
   _globals['_INFOREQUEST']._serialized_start=36
   _globals['_INFOREQUEST']._serialized_end=49
   _globals['_INFORESPONSE']._serialized_start=52
   _globals['_INFORESPONSE']._serialized_end=279
   _globals['_HEALTHREQUEST']._serialized_start=281
   _globals['_HEALTHREQUEST']._serialized_end=296
-  _globals['_HEALTHRESPONSE']._serialized_start=298
-  _globals['_HEALTHRESPONSE']._serialized_end=384
-  _globals['_SAMPLINGPARAMS']._serialized_start=387
-  _globals['_SAMPLINGPARAMS']._serialized_end=713
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=656
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=704
-  _globals['_GENERATEREQUEST']._serialized_start=716
-  _globals['_GENERATEREQUEST']._serialized_end=947
-  _globals['_TOPTOKEN']._serialized_start=949
-  _globals['_TOPTOKEN']._serialized_end=988
-  _globals['_TOKEN']._serialized_start=990
-  _globals['_TOKEN']._serialized_end=1067
-  _globals['_GENERATERESPONSE']._serialized_start=1070
-  _globals['_GENERATERESPONSE']._serialized_end=1242
-  _globals['_SHARD']._serialized_start=1341
-  _globals['_SHARD']._serialized_end=1539
+  _globals['_HEALTHRESPONSE']._serialized_start=299
+  _globals['_HEALTHRESPONSE']._serialized_end=438
+  _globals['_SAMPLINGPARAMS']._serialized_start=441
+  _globals['_SAMPLINGPARAMS']._serialized_end=767
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=710
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=758
+  _globals['_GENERATEREQUEST']._serialized_start=770
+  _globals['_GENERATEREQUEST']._serialized_end=1058
+  _globals['_TOPTOKEN']._serialized_start=1060
+  _globals['_TOPTOKEN']._serialized_end=1099
+  _globals['_TOKEN']._serialized_start=1101
+  _globals['_TOKEN']._serialized_end=1178
+  _globals['_GENERATERESPONSE']._serialized_start=1181
+  _globals['_GENERATERESPONSE']._serialized_end=1353
+  _globals['_SHARD']._serialized_start=1452
+  _globals['_SHARD']._serialized_end=1650
 # @@protoc_insertion_point(module_scope)
