@@ -31,6 +31,7 @@ from .responses import cancel_response, create_response, delete_response, list_i
 from .responses_schemas import ResponsesRequest
 from .service import docs, health, info, metrics, models, openapi, openapi_schema, tokenize
 from .state import Router
+from .streams import StreamStore, resume_stream
 from .tenants import Tenants
 from .tgi import tgi_compat, tgi_generate, tgi_generate_stream
 
@@ -75,6 +76,8 @@ ENDPOINTS: list[Endpoint] = [
              returns="Response"),
     Endpoint("/v1/responses/{response_id}/input_items", "GET", list_input_items, "a stored response's input items",
              returns="ResponseInputItems"),
+    Endpoint("/v1/streams/{id}", "GET", resume_stream, "a resumable stream's events after Last-Event-ID "
+             "(or ?after=N), then the rest live", kind="sse"),
     Endpoint("/tokenize", "POST", tokenize, "TGI tokenize", schemas.TokenizeRequest, returns="Tokens"),
     Endpoint("/v1/models", "GET", models, "the served model", returns="Models"),
     Endpoint("/health", "GET", health, "200 when a shard answers its health check, else 503", returns="Health"),
@@ -103,6 +106,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     metrics_ = Metrics()
     router = Router(settings, metrics_, pool)
     load = Load()
+    streams = StreamStore(settings, metrics_, load)
     tenants = Tenants(settings.api_key, settings.api_keys_file, metrics_)
 
     @contextlib.asynccontextmanager
@@ -111,6 +115,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
         try:
             yield
         finally:
+            await streams.close()
             if router.owns_pool and router.pool is not None:
                 await router.pool.close()
 
@@ -123,6 +128,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     app.state.router = router
     app.state.load = load
     app.state.responses = ResponseStore(settings.responses_store_max, settings.responses_store_bytes)
+    app.state.streams = streams
     app.state.tenants = tenants  # server.py rereads the keys file on SIGHUP
     app.add_middleware(Admission, metrics=metrics_, limit=settings.max_concurrent_requests,
                        generation_routes=GENERATION_ROUTES, known_routes={r.path for r in routes},

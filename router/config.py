@@ -42,4 +42,17 @@ class RouterSettings:
                                              "(every address the name resolves to); repeat for replicas")
     shard_tls_ca: str | None = option(None, env="SHARD_TLS_CA", only=ROUTER,
                                       help="PEM CA certificate: connect to host:port shards over TLS, trusting it")
+    stream_retention_s: float = option(60.0, flag="--stream-retention", env="STREAM_RETENTION", type=float,
+                                       help="seconds a resumable stream outlives its client's disconnect "
+                                            "(generating, then replayable) before it is cancelled and forgotten")
+    stream_buffer_bytes: int = option(1 << 20, env="STREAM_BUFFER_BYTES", type=int,
+                                      help="bytes of events one resumable stream keeps for replay")
+    stream_buffer_total_bytes: int = option(256 << 20, env="STREAM_BUFFER_TOTAL_BYTES", type=int,
+                                            help="bytes of events all resumable streams keep together")
+    sse_keepalive_s: float = option(15.0, flag="--sse-keepalive", env="SSE_KEEPALIVE", type=float,
+                                    help="seconds of silence after which a stream gets a `: keep-alive` "
+                                         "comment; 0: never")
+    max_failovers: int = option(2, env="MAX_FAILOVERS", type=int,
+                                help="times one generation may move to another replica when its replica "
+                                     "dies or drains mid-stream")
     shard_connect_timeout_s: float = 120.0  # how long start-up waits for every shard's Info

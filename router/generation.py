@@ -21,7 +21,7 @@ from .contract import FinishReason, ShardRequest, Token
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .pool import ShardError, ShardPool
-from .sse import Deferred
+from .sse import Deferred, StreamCut
 
 if TYPE_CHECKING:  # state and jobs import this module
     from .jobs import Job
@@ -262,7 +262,7 @@ async def guarded(events: AsyncIterator[dict | str], done: str | None = None) ->
     try:
         async for event in events:
             yield event
-    except (ShardError, IncompleteGeneration) as exc:
+    except (ShardError, IncompleteGeneration, StreamCut) as exc:
         kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
         log.warning("stream failed: %s", exc)
         yield {"error": str(exc), "error_type": kind}
@@ -271,6 +271,8 @@ async def guarded(events: AsyncIterator[dict | str], done: str | None = None) ->
     except Exception as exc:
         log.exception("stream failed")
         yield {"error": f"internal error: {exc}", "error_type": "generation"}
+        if done:
+            yield done
     finally:
         await events.aclose()
 

@@ -43,6 +43,17 @@ class Metrics:
         self.request_success = Counter("tgi_request_success", "Generation requests answered", registry=r)
         self.request_failure = Counter("tgi_request_failure", "Generation requests refused or failed", ["err"],
                                        registry=r)
+        # Resumable streams (router/streams.py) and failover (router/pool.py).
+        self.streams_kept = Gauge("sluice_streams_kept", "Resumable streams in the store, running or replayable",
+                                  registry=r)
+        self.stream_buffer_bytes = Gauge("sluice_stream_buffer_bytes", "Bytes of events kept for resumable streams",
+                                         registry=r)
+        self.stream_resumes = Counter("sluice_stream_resumes", "GET /v1/streams/{id} reconnections served", registry=r)
+        self.streams_cut = Counter("sluice_streams_cut", "Resumable streams without a reader cut at a buffer cap",
+                                   registry=r)
+        self.streams_expired = Counter("sluice_streams_expired", "Resumable streams forgotten after --stream-retention",
+                                       registry=r)
+        self.failovers = Counter("sluice_failovers", "Generations moved to another replica mid-stream", registry=r)
 
         # Per tenant, labelled by router/tenants.py: the configured tenants' names, else "other" (bounded).
         self.tenant_in_flight = Gauge("sluice_tenant_requests_in_flight", "Admitted generation requests per tenant",

@@ -139,9 +139,14 @@ def _responses(e) -> dict:
     if e.body is not None:
         out["413"] = _error("the body is larger than --max-body-bytes")
         out["422"] = _error("the body is not valid JSON, or a field is out of range or unsupported")
-    if "{" in e.path:  # a stored response's id
-        out["404"] = _error("no stored response has that id (never stored, deleted, or evicted)")
-        out["422"] = _error("a query parameter is out of range, or the response is not a background one")
+    if "{" in e.path:
+        out["404"] = _error("nothing by that id: unknown, expired, deleted, evicted, or another API key's")
+        if e.path.startswith("/v1/responses/"):
+            out["422"] = _error("a query parameter is out of range, or the response is not a background one")
+    if e.kind == "sse" and e.method == "GET" and e.path.startswith("/v1/streams/"):  # a resume (streams.py)
+        out["204"] = {"description": "the stream is finished and was read to its end", "headers": _HEADERS}
+        out["410"] = _error("the events after that point were dropped from the stream's buffer")
+        out["422"] = _error("a malformed Last-Event-ID or `after`")
     if e.generation:
         out["429"] = _error("overloaded: --max-concurrent-requests are in flight, or the tenant's own limits "
                               "are reached (retry after Retry-After), or the queue cannot meet the deadline")

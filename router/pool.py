@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import grpc
@@ -21,6 +21,7 @@ from sluice.pb import shard_pb2, shard_pb2_grpc
 
 from .contract import FinishReason, Reply, ShardHealth, ShardInfo, ShardRequest, Token, TopToken
 from .deadline import Waiting
+from .failover import continuation
 
 log = logging.getLogger("sluice.router")
 
@@ -99,7 +100,8 @@ async def resolve(address: str) -> list[str]:
 
 
 class ShardPool:
-    def __init__(self, addresses: list[str], tls_ca: str | None = None) -> None:
+    def __init__(self, addresses: list[str], tls_ca: str | None = None, max_failovers: int = 0,
+                 on_failover: Callable[[], None] | None = None) -> None:
         if not addresses:
             raise ValueError("at least one shard address is needed")
         self.targets = addresses
@@ -113,6 +115,8 @@ class ShardPool:
         self._retired: list[Replica] = []  # gone from DNS, closed once their last stream ends
         self._calls: set = set()  # Generate calls in flight, for abort_all
         self._abort_reason: str | None = None
+        self.max_failovers = max_failovers
+        self.on_failover = on_failover or (lambda: None)
 
     async def _refresh(self) -> None:
         """Follow DNS: open a replica for each new address, drop those gone (their streams run to the end)."""
@@ -216,24 +220,30 @@ class ShardPool:
     async def generate(self, request: ShardRequest) -> AsyncIterator[Reply]:
         """Stream one request's tokens. Leaving the loop early (stop sequence, disconnect) cancels the RPC,
         which frees the sequence in the engine. A replica that refuses with UNAVAILABLE before the first
-        reply (draining, or gone) hands the request to another healthy one, if there is one."""
-        wire = to_wire(request)
-        tried: set[str] = set()
+        reply (draining, or gone) hands the request to another healthy one, if there is one. A replica
+        that fails mid-stream (see _failed) hands over the rest of the generation (router/failover.py),
+        up to max_failovers times: the replies just go on, as if from one replica."""
+        current, tried, sent, failovers = request, set(), [], 0
+        seed = request.params.seed
         while True:
             replica = self._pick(tried)
             tried.add(replica.address)
             replica.in_flight += 1
-            waiting = Waiting(request.priority, request.tenant, len(request.input_ids))
+            waiting = Waiting(request.priority, request.tenant, len(current.input_ids))
             replica.waiting.append(waiting)
-            call = replica.stub.Generate(wire, metadata=((METADATA_KEY, REQUEST_ID.get()),))
+            call = replica.stub.Generate(to_wire(current), metadata=((METADATA_KEY, REQUEST_ID.get()),))
             self._calls.add(call)
             started = False
             try:
-                async for reply in call:
+                async for wire_reply in call:
+                    reply = from_wire(wire_reply)
                     if not started:
                         started = True
                         replica.waiting.remove(waiting)
-                    yield from_wire(reply)
+                        if current is request:
+                            seed = reply.seed  # the request's, or the one the shard picked (shard.proto)
+                    sent += [t.id for t in reply.tokens]
+                    yield reply
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -241,7 +251,18 @@ class ShardPool:
                     if not started and any(r.healthy and r.address not in tried for r in self.replicas):
                         log.info("shard %s unavailable (%s): trying another replica", replica.address, exc.details())
                         continue
-                raise ShardError(f"shard {replica.address}: {exc.code().name}: {exc.details()}", exc.code()) from exc
+                error = ShardError(f"shard {replica.address}: {exc.code().name}: {exc.details()}", exc.code())
+                if (started or current is not request) and failovers < self.max_failovers \
+                        and self._abort_reason is None and await self._failed(replica, exc):
+                    resumed = continuation(request, sent, seed)
+                    if resumed is not None and any(r.healthy and r.address not in tried for r in self.replicas):
+                        failovers += 1
+                        self.on_failover()
+                        log.warning("%s mid-stream, after %d tokens: the rest goes to another replica", error,
+                                    len(sent))
+                        current = resumed
+                        continue
+                raise error from exc
             except asyncio.CancelledError:
                 # grpc.aio reports a call cancelled by abort_all as this task's cancellation; it is not.
                 task = asyncio.current_task()
@@ -254,6 +275,16 @@ class ShardPool:
                 if not started:
                     replica.waiting.remove(waiting)
                 call.cancel()
+
+    async def _failed(self, replica: Replica, exc: grpc.aio.AioRpcError) -> bool:
+        """Whether a call's error is its replica's (gone; or draining or dying: no longer ready) rather than
+        the request's own, which another replica would only repeat."""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return True
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return False
+        health = await self._check(replica)
+        return not (health and health.ok)
 
     def abort_all(self, reason: str) -> int:
         """End every Generate call in flight with ShardError(reason): each stream then closes with an

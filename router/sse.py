@@ -4,16 +4,26 @@ Starlette's StreamingResponse only notices a disconnect when it next sends (on A
 so a stream waiting on a slow token would hold its shard sequence until then. The responses here wait
 for `http.disconnect` alongside the work and cancel the work the moment it arrives, which cancels the
 gRPC call and frees the sequence in the engine.
+
+Every event of a stream carries `id: <stream id>.<n>` (n from 1), and the stream id is in the
+X-Sluice-Stream-Id header. A resumable stream (streams.py) is the exception to "disconnect cancels": its
+generation writes into the store and each connection only reads from there. While a stream has sent
+nothing for --sse-keepalive seconds it gets a `: keep-alive` comment, which every SSE parser skips and
+which keeps idle-timeout proxies from cutting it.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from .streams import BufferFull, Gone, Kept, StreamStore, owner_of
 
 log = logging.getLogger("sluice.router")
 
@@ -22,12 +32,31 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # nginx and friends must not buffer the stream
 ]
+STREAM_ID_HEADER = b"x-sluice-stream-id"
+RESUMABLE_HEADER = "x-sluice-resumable"
+# A comment line alone, no blank line after it: a blank line ends an event, and the openai SDK's parser
+# (unlike the SSE spec) dispatches an empty one once an id was seen, which then fails to parse as JSON.
+KEEPALIVE = b": keep-alive\n"
+_END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
-def sse_event(payload: dict | str, name: str | None = None) -> bytes:
+def sse_event(payload: dict | str, name: str | None = None, event_id: str | None = None) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    head = f"event: {name}\n" if name else ""
+    head = (f"id: {event_id}\n" if event_id else "") + (f"event: {name}\n" if name else "")
     return f"{head}data: {data}\n\n".encode()
+
+
+def _start(stream_id: str) -> dict:
+    return {"type": "http.response.start", "status": 200,
+            "headers": [*SSE_HEADERS, (STREAM_ID_HEADER, stream_id.encode())]}
+
+
+def _body(data: bytes) -> dict:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+class StreamCut(RuntimeError):
+    """Thrown into a cut resumable stream's events: `generation.guarded` turns it into the final error event."""
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -53,26 +82,146 @@ async def _unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool,
     return True, job.result()  # re-raises the work's own exception
 
 
+_PING = object()
+
+
+async def _paced(events: AsyncIterator, interval: float) -> AsyncIterator:
+    """The events, with _PING whenever `interval` seconds pass without one (0: never). The next event is
+    asked for only once the previous one was sent, so backpressure is what it was."""
+    if not interval:
+        async for event in events:
+            yield event
+        return
+    pending = None
+    try:
+        while True:
+            pending = asyncio.ensure_future(events.__anext__())
+            while not (await asyncio.wait({pending}, timeout=interval))[0]:
+                yield _PING
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()  # the generation's own task: cancelling it cancels the shard call
+            await asyncio.gather(pending, return_exceptions=True)
+
+
+def _keepalive_s(scope: Scope) -> float:
+    return scope["app"].state.router.settings.sse_keepalive_s
+
+
 class EventStream:
-    """A server-sent-events response: one `data: <json>` line and a blank line per event. With `named`
-    (the Responses API, as OpenAI sends it), an `event: <type>` line comes first, from each event's `type`."""
+    """A server-sent-events response: `id: <stream>.<n>`, one `data: <json>` line and a blank line per event.
+    With `named` (the Responses API, as OpenAI sends it), an `event: <type>` line too, from each event's
+    `type`. Resumable when the request asks for it (the X-Sluice-Resumable header)."""
 
     def __init__(self, events: AsyncIterator[dict | str], named: bool = False) -> None:
         self.events = events
         self.named = named
 
+    def frame(self, event: dict | str, event_id: str) -> bytes:
+        name = event.get("type") if self.named and isinstance(event, dict) else None
+        return sse_event(event, name, event_id)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        store: StreamStore | None = getattr(scope["app"].state, "streams", None)
+        headers = Headers(scope=scope)
+        if store is not None and headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true"):
+            return await self._resumable(store, owner_of(headers), scope, receive, send)
+        stream_id = uuid.uuid4().hex
+        paced = _paced(self.events, _keepalive_s(scope))
+
         async def pump() -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            async for event in self.events:
-                name = event.get("type") if self.named and isinstance(event, dict) else None
-                await send({"type": "http.response.body", "body": sse_event(event, name), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send(_start(stream_id))
+            n = 0
+            async for event in paced:
+                if event is _PING:
+                    await send(_body(KEEPALIVE))
+                    continue
+                n += 1
+                await send(_body(self.frame(event, f"{stream_id}.{n}")))
+            await send(_END)
 
         try:
             await _unless_disconnected(receive, pump())
         finally:
+            await paced.aclose()  # first: it may be waiting on the events' next one
             await self.events.aclose()
+
+    async def _resumable(self, store: StreamStore, owner: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        k = store.open(owner, lambda k: _produce(store, k, self.events, self.frame))
+        try:
+            await Follow(store, k, 0)(scope, receive, send)
+        finally:
+            store.hold_slot(k)
+
+
+async def _produce(store: StreamStore, k: Kept, events: AsyncIterator[dict | str],
+                   frame: Callable[[dict | str, str], bytes]) -> None:
+    """A resumable stream's generation: its events, framed, into the store. A stream cut for room gets the
+    error event its route's `guarded` makes (and `[DONE]` where the dialect ends with it)."""
+    cut, throw = False, None
+    try:
+        while True:
+            try:
+                event = await (events.athrow(throw) if throw else events.__anext__())
+            except (StopAsyncIteration, StreamCut):
+                return
+            throw = None
+            data = frame(event, f"{k.id}.{k.last + 1}")
+            if cut:
+                store.append_anyway(k, data)
+                continue
+            try:
+                await store.append(k, data)
+            except BufferFull as exc:
+                log.warning("resumable stream %s cut: %s", k.id, exc)
+                cut, throw = True, StreamCut(str(exc))
+    finally:
+        await events.aclose()
+
+
+class Follow:
+    """One connection reading a resumable stream: its kept events after `after`, then the rest as they come."""
+
+    def __init__(self, store: StreamStore, k: Kept, after: int) -> None:
+        self.store, self.k, self.after = store, k, after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        store, k = self.store, self.k
+        token = store.attach(k, self.after)
+        keepalive = _keepalive_s(scope) or None
+
+        async def pump() -> None:
+            await send(_start(k.id))
+            n = self.after
+            while k.reader == token:  # a newer connection took the stream over: this one ends
+                changed = k.changed
+                try:
+                    batch = k.since(n)
+                except Gone:
+                    break
+                for n, data in batch:
+                    await send(_body(data))
+                    store.advanced(k, token, n)  # what it was handed may be dropped, should room be needed
+                if batch:
+                    continue
+                if k.finished:
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), keepalive)
+                except asyncio.TimeoutError:
+                    await send(_body(KEEPALIVE))
+            await send(_END)
+
+        try:
+            await _unless_disconnected(receive, pump())
+        finally:
+            store.detach(k, token)
 
 
 class Deferred:

@@ -35,7 +35,8 @@ class Router:
         # Converting the GGUF tokenizer takes seconds: do it while the shards load their weights.
         tokenizer_task = asyncio.create_task(asyncio.to_thread(modelfiles.load_tokenizer, self.source))
         if self.owns_pool:
-            self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca)
+            self.pool = ShardPool(self.settings.shard_addresses, self.settings.shard_tls_ca,
+                                  self.settings.max_failovers, self.metrics.failovers.inc)
             try:
                 await self.pool.connect(self.settings.shard_connect_timeout_s)
             except BaseException:

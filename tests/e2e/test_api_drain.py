@@ -20,7 +20,7 @@ def test_sigterm_finishes_the_stream_in_flight_then_exits_0(start_server):
     srv = start_server.servers[-1]
     (shard,) = children(srv.proc.pid)
     with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as r:
-        lines = r.iter_lines()
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
         first = json.loads(next(lines).removeprefix("data: "))
         os.kill(shard, signal.SIGSTOP)
         try:
@@ -59,14 +59,14 @@ def test_streams_left_at_the_shutdown_timeout_end_with_an_error_event(start_serv
     (shard,) = children(srv.proc.pid)
     chat = {"messages": [{"role": "user", "content": "Count to 100."}], "max_tokens": 30, "stream": True}
     with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as tgi:
-        tgi_lines = tgi.iter_lines()
+        tgi_lines = (line for line in tgi.iter_lines() if line.startswith("data:"))
         assert "error" not in json.loads(next(tgi_lines).removeprefix("data: "))
         os.kill(shard, signal.SIGSTOP)  # nothing more is generated: both streams are surely in flight
         try:
             with httpx.stream("POST", url + "/v1/chat/completions", json=chat, timeout=120) as openai:
                 assert openai.status_code == 200
                 srv.proc.send_signal(signal.SIGTERM)
-                chat_events = [line.removeprefix("data: ") for line in openai.iter_lines() if line]
+                chat_events = [line.removeprefix("data: ") for line in openai.iter_lines() if line.startswith("data:")]
             tgi_events = [json.loads(line.removeprefix("data: ")) for line in tgi_lines if line]
         finally:
             os.kill(shard, signal.SIGCONT)
@@ -87,7 +87,7 @@ def test_sigterm_to_the_shard_alone_drains_it(start_server):
     srv = start_server.servers[-1]
     (shard,) = children(srv.proc.pid)
     with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as r:
-        lines = r.iter_lines()
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
         next(lines)
         os.kill(shard, signal.SIGSTOP)  # so the SIGTERM surely lands mid-stream
         os.kill(shard, signal.SIGTERM)

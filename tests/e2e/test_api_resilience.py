@@ -50,7 +50,7 @@ def test_shard_death_mid_stream(keyed):
     assert len(shard) == 1
     body = {"inputs": "1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 200}}
     with httpx.stream("POST", url + "/generate_stream", json=body, headers=AUTH, timeout=120) as r:
-        lines = r.iter_lines()
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
         first = json.loads(next(lines).removeprefix("data: "))
         assert first["token"]["text"] is not None
         os.kill(shard[0], signal.SIGKILL)
@@ -110,7 +110,7 @@ def test_shard_death_under_eight_streams(keyed):
         else:
             route, body = "/generate_stream", {"inputs": "1, 2, 3,", "parameters": {"max_new_tokens": 300}}
         with httpx.stream("POST", url + route, json=body, headers=AUTH, timeout=120) as r:
-            lines = (line for line in r.iter_lines() if line)
+            lines = (line for line in r.iter_lines() if line.startswith("data:"))
             first = next(lines)
             started.wait()
             results[i] = [first, *lines]

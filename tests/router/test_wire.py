@@ -16,12 +16,15 @@ def post_stream(router, path: str, body: dict) -> str:
 
 
 def sse_payloads(raw: str) -> list[str]:
-    """Checks the framing (each event: one `data: ` line, then a blank line) and returns the payloads."""
+    """Checks the framing (each event: an `id: <stream>.<n>` line, one `data: ` line, then a blank line) and
+    returns the payloads."""
     assert raw.endswith("\n\n")
     events = raw[:-2].split("\n\n")
-    for event in events:
-        assert event.startswith("data: ") and "\n" not in event, repr(event)
-    return [e[len("data: "):] for e in events]
+    stream_id = events[0].split("\n")[0].removeprefix("id: ").rpartition(".")[0]
+    for n, event in enumerate(events, 1):
+        id_line, data_line = event.split("\n")
+        assert id_line == f"id: {stream_id}.{n}" and data_line.startswith("data: "), repr(event)
+    return [e.split("\n")[1][len("data: "):] for e in events]
 
 
 def test_chat_stream_wire_format(smol):
