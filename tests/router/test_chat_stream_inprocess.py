@@ -22,7 +22,8 @@ def tokenizer(tiny_llama):
 
 
 def chunks_of(text: str) -> list[dict]:
-    events = [block.removeprefix("data: ") for block in text.strip("\n").split("\n\n")]
+    # Each event's data line (an `id:` line comes before it: resumable streams).
+    events = [block.split("\n")[-1].removeprefix("data: ") for block in text.strip("\n").split("\n\n")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 

@@ -35,8 +35,8 @@ def events_of(response: httpx.Response, first: int = 0) -> list[dict]:
     assert response.headers["content-type"].startswith("text/event-stream")
     events = []
     for block in response.text.strip("\n").split("\n\n"):
-        name, data = block.split("\n")
-        assert name.startswith("event: ") and data.startswith("data: "), block
+        event_id, name, data = block.split("\n")  # id: <stream>.<n> (resumable streams), event:, data:
+        assert event_id.startswith("id: ") and name.startswith("event: ") and data.startswith("data: "), block
         event = json.loads(data[len("data: "):])
         assert event["type"] == name[len("event: "):]
         events.append(event)
