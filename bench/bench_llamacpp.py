@@ -205,11 +205,12 @@ def serving(name: str, cmd: list[str], port: int, log: Path, wait_for_log: str =
         healthy_s = time.monotonic() - started
         if wait_for_log:  # e.g. Sluice's background compile: measure the speed it reaches, say when
             print(f"    healthy after {healthy_s:.0f} s; waiting for {wait_for_log!r} in its log", flush=True)
-            while wait_for_log not in log.read_text():
+            while wait_for_log not in (text := log.read_text()) and "serving eagerly" not in text:
                 if proc.poll() is not None:
                     raise SystemExit(f"[{name}] exited; see {log}")
                 time.sleep(2)
-            print(f"    {wait_for_log!r} after {time.monotonic() - started:.0f} s", flush=True)
+            seen = wait_for_log if wait_for_log in text else "compile failed: serving eagerly"
+            print(f"    {seen!r} after {time.monotonic() - started:.0f} s", flush=True)
         else:
             print(f"    healthy after {healthy_s:.0f} s", flush=True)
         yield url
