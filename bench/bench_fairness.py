@@ -11,6 +11,7 @@ Starts its own `sluice serve` on 127.0.0.1 and runs three phases:
 
 It prints B's time to first token (p50, p90) in each phase, B's p50 under the flood over idle (the issue
 asks for at most 2x), and the total token throughput of the fair phase over the unfair one (at least 0.9).
+Requests are streamed `/v1/completions` with `ignore_eos`, so each generates exactly its token count.
 Tenants are sent as `X-Tenant` (no API key). Fair scheduling only matters when requests wait: with the
 default `--max-batch-size` of 64, a flood of 48 fits in the batch; pass `--server-flags "--max-batch-size 16"`
 to see the queue.
@@ -31,21 +32,24 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import sluice_server  # noqa: E402
 
-FLOOD_PROMPT = "Write a long, detailed essay about the history of rivers, canals and locks in Europe."
-B_PROMPT = "What is the capital of France?"
+# Chat-formatted, and every request generates exactly its max_tokens (`ignore_eos`): a raw prompt that the
+# tiny model answers with an immediate end-of-text would turn the flood into a storm of one-token requests.
+FLOOD_PROMPT = ("<|im_start|>user\nWrite a long, detailed essay about the history of rivers, canals and locks"
+                " in Europe.<|im_end|>\n<|im_start|>assistant\n")
+B_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
 async def stream(client: httpx.AsyncClient, url: str, tenant: str, prompt: str, tokens: int,
                  served: list[int]) -> float | None:
     """One streamed request: seconds to its first token; every token received is counted in `served[0]`."""
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": tokens}}
+    body = {"model": "m", "prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "stream": True}
     start, first = time.perf_counter(), None
-    async with client.stream("POST", url + "/generate_stream", json=body, headers={"X-Tenant": tenant}) as r:
+    async with client.stream("POST", url + "/v1/completions", json=body, headers={"X-Tenant": tenant}) as r:
         if r.status_code != 200:
             await r.aread()
             raise RuntimeError(f"{r.status_code}: {r.text}")
         async for line in r.aiter_lines():
-            if not line.startswith("data:"):
+            if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             event = json.loads(line[5:])
             if "error" in event:
@@ -98,7 +102,8 @@ def main() -> None:
     parser.add_argument("--b-tokens", type=int, default=16, help="max_new_tokens of B's requests")
     parser.add_argument("--server-flags", default="", help="extra `sluice serve` flags, e.g. \"--max-batch-size 16\"")
     args = parser.parse_args()
-    with sluice_server("--max-concurrent-requests", str(args.flood + 64), *args.server_flags.split()) as (url, _):
+    with sluice_server("--max-concurrent-requests", str(args.flood + 64), *args.server_flags.split(),
+                       wait_compiled=True) as (url, _):
         asyncio.run(phase(url, 0, "B", argparse.Namespace(**{**vars(args), "duration": 2 * args.every})))  # warm-up
         results = {name: asyncio.run(phase(url, flood, tenant, args))
                    for name, flood, tenant in (("idle", 0, "B"), ("fair", args.flood, "B"), ("unfair", args.flood, "A"))}

@@ -59,16 +59,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, what: str) -> None:
 
 
 @contextmanager
-def sluice_server(*flags: str) -> Iterator[tuple[str, str]]:
-    """`sluice serve` on a free port, healthy; yields (base URL, shard socket path)."""
+def sluice_server(*flags: str, wait_compiled: bool = False) -> Iterator[tuple[str, str]]:
+    """`sluice serve` on a free port, healthy; yields (base URL, shard socket path). With `wait_compiled`,
+    also waits until the background compile has switched decode steps to the compiled graphs (or has
+    given up), so that what is measured is the speed the default reaches, not its warm-up."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    sock = f"{tempfile.mkdtemp()}/shard.sock"
+    tmp = tempfile.mkdtemp()
+    sock, log = f"{tmp}/shard.sock", Path(tmp) / "serve.log"
     cmd = [sys.executable, "-m", "sluice", "serve", "--port", str(port), "--hostname", "127.0.0.1",
            "--shard-uds-path", sock, *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    started = time.monotonic()
     try:
         wait_healthy(url, proc, " ".join(cmd))
+        print(f"sluice serve healthy after {time.monotonic() - started:.0f} s (log: {log})", flush=True)
+        if wait_compiled and "--no-compile" not in flags:
+            while not any(m in (text := log.read_text()) for m in ("compiled the decode graphs", "serving eagerly")):
+                if proc.poll() is not None:
+                    raise SystemExit(f"sluice serve exited; see {log}")
+                time.sleep(2)
+            what = "compiled" if "compiled the decode graphs" in text else "compile failed, eager"
+            print(f"sluice serve {what} after {time.monotonic() - started:.0f} s", flush=True)
         yield url, sock
     finally:
         stop(proc, 60)
