@@ -24,6 +24,7 @@ class Scheduler:
         self.preemptions = 0
         self.fair = Fairness()
         self._arrivals = itertools.count()
+        self._admitted_last = False  # the last step was new prompts only (see schedule)
 
     def add(self, seq: Sequence) -> None:
         seq.arrival = next(self._arrivals)
@@ -50,10 +51,32 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, number of tokens to compute this step), running sequences first."""
-        budget = self.max_batch_prefill_tokens
-        out: list[tuple[Sequence, int]] = []
+        """(sequence, number of tokens to compute this step).
+
+        While sequences are decoding, new prompts are admitted in a step of their own, then the decodes
+        run in the next step without admissions (the two alternate while prompts keep arriving). A new
+        request's first token then waits for one short prefill step instead of a decode step of the
+        whole batch with its prompt mixed in, and the decode steps stay decode-only, the shape the
+        compiled graph runs (a mixed step runs eagerly). Without running decodes, prompts fill the
+        budget as they come: the prompts already admitted (chunked) first, then new ones."""
         self.running.sort(key=self.fair.order)
+        budget = self.max_batch_prefill_tokens
+        decoding = any(s.num_tokens - s.num_computed == 1 for s in self.running)
+        if decoding and self.waiting and not self._admitted_last:
+            out = self._admit(budget)
+            if out:
+                self._admitted_last = True
+                return out
+        self._admitted_last = False
+        out = self._continue_running(budget)
+        if not decoding:
+            out += self._admit(budget - sum(n for _, n in out))
+        return out
+
+    def _continue_running(self, budget: int) -> list[tuple[Sequence, int]]:
+        """The running sequences' next tokens in fair order, preempting the last in that order when
+        the KV blocks run out."""
+        out: list[tuple[Sequence, int]] = []
         for seq in list(self.running):
             if seq not in self.running:  # preempted below for an earlier sequence
                 continue
@@ -72,6 +95,11 @@ class Scheduler:
             self.blocks.allocate(seq, total)
             out.append((seq, n))
             budget -= n
+        return out
+
+    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
+        """Waiting sequences admitted in fair order, while the budget, the batch and the blocks allow."""
+        out: list[tuple[Sequence, int]] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             # One at a time: admitting charges the tenant's prompt, which may change who is next.
             seq = min(self.waiting, key=self.fair.order)

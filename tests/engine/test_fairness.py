@@ -174,3 +174,44 @@ def test_engine_serves_the_lone_tenant_second(model):
     engine.stop()
     # C0 is urgent; then A (first to arrive) and B take turns until B has no more.
     assert order == ["C0", "A0", "B0", "A1", "A2", "A3", "A4"]
+
+
+def decode_steps(sched: Scheduler, out) -> None:
+    """The engine's bookkeeping after a step: every sequence whose prompt is done samples a token."""
+    sched.advance(out)
+    for s, _ in out:
+        if s.num_computed == s.num_tokens:
+            s.token_ids.append(1)
+
+
+def test_new_prompts_get_a_step_of_their_own_while_others_decode():
+    sched = scheduler()
+    flood = [seq("A", max_new=50) for _ in range(4)]
+    for s in flood:
+        sched.add(s)
+    decode_steps(sched, sched.schedule())  # the flood's prompts, together
+    assert all(s.num_generated == 1 for s in flood)
+    lone = seq("B")
+    sched.add(lone)
+    out = sched.schedule()
+    assert [s for s, _ in out] == [lone]  # its prompt alone: its first token comes after a short step
+    decode_steps(sched, out)
+    assert lone.num_generated == 1
+    late = seq("C")
+    sched.add(late)
+    out = sched.schedule()  # then the decodes, all of them and nothing else
+    assert sorted(s.request_id for s, _ in out) == sorted(s.request_id for s in [*flood, lone])
+    assert all(n == 1 for _, n in out)
+    decode_steps(sched, out)
+    assert [s for s, _ in sched.schedule()] == [late]  # and so on, in turn
+
+
+def test_without_decodes_prompts_share_the_budget_as_they_come():
+    sched = scheduler(budget=12)
+    long, short = seq("A", prompt_len=20), seq("B", prompt_len=6)
+    sched.add(long)
+    assert sched.schedule() == [(long, 12)]  # a chunk of the long prompt
+    sched.advance([(long, 12)])
+    sched.add(short)
+    out = sched.schedule()  # the rest of the long one (it was admitted first), then the new one
+    assert out == [(long, 8), (short, 4)]

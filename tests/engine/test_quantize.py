@@ -49,11 +49,19 @@ def test_int8_logits_follow_bf16(tiny_llama):
 
 @pytest.mark.slow  # two loads of the real model
 def test_int8_smollm2_greedy_agrees_with_bf16():
-    """On the real model, a fixed prompt set: the agreement the README reports, measured here as a floor."""
+    """On the real model, a fixed prompt set: the agreement the README reports, measured here as a floor.
+
+    Agreement is teacher-forced: at every position of the bf16 model's greedy continuation, does the int8
+    model pick the same next token? Free-running outputs that differ once differ everywhere after, so
+    their position-by-position match swings with the CPU's bf16 rounding (AVX2 emulates what AVX512-BF16
+    computes natively); the per-position choice measures the quantization itself."""
     source = resolve(None)
     prompts = [[1, 504, 3458, 282, 4077, 314], [1, 1780, 1029, 253, 1345, 29], [1, 378, 1116, 282, 253, 2462, 314]]
-    ref = greedy(load_model(source, torch.bfloat16), prompts, 16)
-    q8 = greedy(load_model(source, torch.bfloat16, quantize="int8"), prompts, 16)
-    same = sum(a == b for r, q in zip(ref, q8) for a, b in zip(r, q)) / sum(len(r) for r in ref)
-    first = [r[:2] == q[:2] for r, q in zip(ref, q8)]
-    assert all(first) and same >= 0.5, (ref, q8)
+    ref_model, q8_model = load_model(source, torch.bfloat16), load_model(source, torch.bfloat16, quantize="int8")
+    ref, q8 = greedy(ref_model, prompts, 16), greedy(q8_model, prompts, 16)
+    assert all(r[:2] == q[:2] for r, q in zip(ref, q8)), (ref, q8)
+    prefixes = [p + r[:k] for p, r in zip(prompts, ref) for k in range(len(r))]
+    picked = greedy(q8_model, prefixes, 1)
+    agree = sum(q == [r[k]] for q, (r, k) in zip(picked, [(r, k) for r in ref for k in range(len(r))]))
+    # Measured on an AVX2 host: 43/48 (fp32 vs bf16 on the same prefixes: 47/48; each model with itself: 48/48).
+    assert agree / len(prefixes) >= 0.85, (agree, len(prefixes))
