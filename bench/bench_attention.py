@@ -78,12 +78,12 @@ class Variant:
         self.runner = runner_cls(model, num_blocks, 16)
         self.blocks = BlockManager(num_blocks, 16)
 
-    def prefill(self, seed: int, n: int) -> None:
+    def prefill(self, seed: int, n: int, chunk: int = BUDGET) -> None:
         seq = new_seq("p", tokens(seed, n))
         self.blocks.allocate(seq, n)
-        for s in range(0, n, BUDGET):
+        for s in range(0, n, chunk):
             seq.num_computed = s
-            self.runner.step([(seq, min(BUDGET, n - s))])
+            self.runner.step([(seq, min(chunk, n - s))])
         self.blocks.free(seq)
 
     def decode_batch(self, batch: int, ctx: int) -> list[tuple[Sequence, int]]:
@@ -148,8 +148,8 @@ def compare(label: str, fns: dict, reps: int, profile_split: bool) -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     line = f"{label:28s}" + "".join(f"  {name} {1000 * m:8.1f} ms" for name, m in med.items())
     if len(med) == 2:
-        before, now = med.values()
-        line += f"   now/before {now / before:5.2f}x  (before is {before / now:4.2f}x slower)"
+        first, second = med.values()
+        line += f"   {second / first:5.2f}x the time of {next(iter(med))}"
     print(line, flush=True)
     if profile_split:
         for name, fn in fns.items():
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--scenarios", nargs="+", default=["prefill", "decode", "mixed"])
     ap.add_argument("--prompt-len", type=int, default=1500)
+    ap.add_argument("--chunks", type=int, nargs="*", default=[], help="prefill chunk sizes to compare with the default")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--ctx", type=int, nargs="+", default=[256, 1500])
     ap.add_argument("--dtype", default="bfloat16")
@@ -187,6 +188,11 @@ def main() -> None:
             seed = iter(range(10**6))
             fns = {v.name: (lambda v=v: v.prefill(next(seed), args.prompt_len)) for v in variants}
             compare(f"prefill {args.prompt_len} (chunks {BUDGET})", fns, args.reps, not args.no_split)
+            for chunk in args.chunks:  # other chunk sizes, on this tree's engine, against the default
+                now = variants[-1]
+                fns = {f"c{BUDGET}": lambda: now.prefill(next(seed), args.prompt_len),
+                       f"c{chunk}": lambda c=chunk: now.prefill(next(seed), args.prompt_len, c)}
+                compare(f"prefill {args.prompt_len} chunk size", fns, args.reps, False)
         if "decode" in args.scenarios:
             for ctx in args.ctx:
                 for b in args.batch:
