@@ -73,9 +73,13 @@ def new_seq(name: str, ids: list[int]) -> Sequence:
 class Variant:
     """One engine version: its runner, and a block manager to give sequences slots in its cache."""
 
-    def __init__(self, name: str, runner_cls, model, num_blocks: int) -> None:
+    def __init__(self, name: str, runner_cls, model, num_blocks: int, compile: bool = False) -> None:
         self.name, self.model = name, model
-        self.runner = runner_cls(model, num_blocks, 16)
+        self.runner = runner_cls(model, num_blocks, 16, compile)
+        t0 = time.perf_counter()
+        self.runner.warm_up()
+        if compile:
+            print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
         self.blocks = BlockManager(num_blocks, 16)
 
     def prefill(self, seed: int, n: int, chunk: int = BUDGET) -> None:
@@ -170,6 +174,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, nargs="+", default=[256, 1500])
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="decode steps through the compiled graphs, as the shard runs them once warm")
     ap.add_argument("--no-split", action="store_true", help="skip the profiled gather/attention/rest split")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -179,8 +184,8 @@ def main() -> None:
     variants = []
     if args.before:
         runner_cls, old = load_before(args.before, model)
-        variants.append(Variant("before", runner_cls, old, num_blocks))
-    variants.append(Variant("now", ModelRunner, model, num_blocks))
+        variants.append(Variant("before", runner_cls, old, num_blocks, args.compile))
+    variants.append(Variant("now", ModelRunner, model, num_blocks, args.compile))
     print(f"SmolLM2-135M {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
           f"{torch.backends.cpu.get_cpu_capability()}; medians of {args.reps}", flush=True)
     with torch.inference_mode():

@@ -194,17 +194,33 @@ class DecoderLayer(nn.Module):
         return self.tp.all_reduce(linear(out, self.o_proj, self.o_proj_scale))
 
 
+def gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache[slots] as whole rows: index_select copies each slot's row at once, where advanced
+    indexing copies it element by element (1.1-1.6x faster, eager)."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
 def decode_attention(q, k_cache, v_cache, kv_slots, mask, scale: float) -> torch.Tensor:
-    """One query per sequence ([B, hq, d]) against its context, gathered from the paged cache: the
-    contexts differ in length, so they are padded to the longest and masked. Grouped-query
-    attention as plain batched matmuls: each KV head serves its g query heads without repeating
-    K/V (measured faster than SDPA for decode on CPU)."""
+    """One query per sequence ([B, hq, d]) against its context in the paged cache: the contexts
+    differ in length, so they are padded to the longest and masked. Each KV head serves its g
+    query heads without repeating K/V."""
     B, L = kv_slots.shape
     hq, d = q.shape[1:]
     hkv = k_cache.shape[1]
-    keys = k_cache[kv_slots].permute(0, 2, 3, 1)  # [B, hkv, d, L]
-    values = v_cache[kv_slots].transpose(1, 2)  # [B, hkv, L, d]
-    scores = torch.matmul(q.view(B, hkv, hq // hkv, d), keys).float() * scale  # [B, hkv, g, L]
+    qg = q.view(B, hkv, hq // hkv, d)
+    if torch.compiler.is_compiling():
+        # Compiled: written as reductions over the gathered rows, which inductor fuses with the
+        # gather, so the context is read in place once and never copied (batched matmuls need it
+        # gathered into a [B, L] copy first, in every layer): ~1.9x the compiled gather + matmuls
+        # per layer at batch 16, 1.9-3.4x at batch 64 (README, Speed).
+        keys, values = k_cache[kv_slots].unsqueeze(3).float(), v_cache[kv_slots].unsqueeze(3).float()  # [B, L, hkv, 1, d]
+        scores = (qg.unsqueeze(1).float() * keys).sum(-1) * scale  # [B, L, hkv, g]
+        probs = torch.softmax(scores.masked_fill(~mask.view(B, L, 1, 1), float("-inf")), dim=1)
+        return (probs.unsqueeze(-1) * values).sum(1).to(q.dtype).reshape(B, hq * d)
+    # Eager: plain batched matmuls over the gathered context (measured faster than SDPA for decode on CPU).
+    keys = gather(k_cache, kv_slots).permute(0, 2, 3, 1)  # [B, hkv, d, L]
+    values = gather(v_cache, kv_slots).transpose(1, 2)  # [B, hkv, L, d]
+    scores = torch.matmul(qg, keys).float() * scale  # [B, hkv, g, L]
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).reshape(B, hq * d)
@@ -219,7 +235,7 @@ def chunk_attention(q, k, v, k_cache, v_cache, chunk: PromptChunk, scale: float)
     if chunk.context is None:
         keys, values = k, v
     else:
-        keys, values = k_cache[chunk.context], v_cache[chunk.context]  # [L, hkv, d]
+        keys, values = gather(k_cache, chunk.context), gather(v_cache, chunk.context)  # [L, hkv, d]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
         attn_mask=chunk.mask, is_causal=chunk.context is None, scale=scale, enable_gqa=True,
