@@ -149,11 +149,13 @@ def compare(label: str, fns: dict, reps: int, profile_split: bool) -> None:
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(timed(fn))
+    # The minimum too: on a busy machine it is the run least disturbed by others.
     med = {name: statistics.median(t) for name, t in times.items()}
-    line = f"{label:28s}" + "".join(f"  {name} {1000 * m:8.1f} ms" for name, m in med.items())
+    low = {name: min(t) for name, t in times.items()}
+    line = f"{label:28s}" + "".join(f"  {name} {1000 * m:8.1f} ms (min {1000 * low[name]:.1f})" for name, m in med.items())
     if len(med) == 2:
-        first, second = med.values()
-        line += f"   {second / first:5.2f}x the time of {next(iter(med))}"
+        (first, second), (first_low, second_low) = med.values(), low.values()
+        line += f"   {second / first:5.2f}x the time of {next(iter(med))} (min: {second_low / first_low:5.2f}x)"
     print(line, flush=True)
     if profile_split:
         for name, fn in fns.items():
