@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from shard.memory import TRIM_INTERVAL_S, release_free_memory
-from shard.models.llama import AttentionBatch, LlamaModel
+from shard.models.llama import AttentionBatch, LlamaModel, PromptChunk
 from shard.parallel import broadcast_step
 from shard.sequence import Sequence
 
@@ -126,7 +126,7 @@ class ModelRunner:
             for batch_size in (1, 2):
                 # Shaped like prepare's tensors (distinct, contiguous): else the guards differ.
                 mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
-                batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask, None, None)
+                batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask)
                 ids, positions = zeros(batch_size), zeros(batch_size)
                 self._mark_dynamic(ids, positions, batch)
                 compiled(ids, positions, batch, self.kv_caches)
@@ -191,6 +191,8 @@ class ModelRunner:
     # --- step preparation -----------------------------------------------------------------
     def prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence], list[PrefillRows]]:
         """The step's inputs, the sequences that sample (in row order), and the prompt-logprob rows."""
+        # Single-token rows first (attention batches them), then the prompt chunks (one by one).
+        scheduled = sorted(scheduled, key=lambda s: s[1] > 1)
         compiled = self.compiled is not None and all(n == 1 for _, n in scheduled)
         ids, positions, batch, sample_rows = self._tensors(scheduled, compiled)
         samplers = [seq for (seq, _), row in zip(scheduled, sample_rows) if row is not None]
@@ -211,45 +213,50 @@ class ModelRunner:
             start += n
         return out
 
+    def _context_slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
+        """[len(seqs), length] cache slots of each sequence's first `length` positions (past a
+        sequence's blocks: block 0, which no sequence owns)."""
+        bs = self.block_size
+        num = math.ceil(length / bs)
+        table = torch.tensor([seq.blocks[:num] + [0] * (num - len(seq.blocks[:num])) for seq in seqs])
+        return (table.unsqueeze(-1) * bs + torch.arange(bs)).view(len(seqs), -1)[:, :length]
+
     def _tensors(self, scheduled: list[tuple[Sequence, int]], compiled: bool):
-        """Flatten the step's tokens and build the attention gather/mask for the whole batch."""
+        """Flatten the step's tokens; the context slots and masks of the single-token rows (padded
+        to the longest context) and of each prompt chunk (its own context only)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
-        starts, lens, ctx = [], [], []
+        slots: list[int] = []
         sample_rows: list[int | None] = []
         for seq, n in scheduled:
             s = seq.num_computed
-            starts.append(len(ids))
             ids.extend(seq.token_ids[s : s + n])
             positions.extend(range(s, s + n))
-            lens.append(n)
-            ctx.append(s + n)
+            slots.extend(seq.blocks[p // bs] * bs + p % bs for p in range(s, s + n))
             sample_rows.append(len(ids) - 1 if s + n == seq.num_tokens else None)
-        B, Qm, Lm = len(scheduled), max(lens), max(ctx)
-        if compiled:
-            Lm = -(-Lm // L_ALIGN) * L_ALIGN
-        max_blocks = math.ceil(Lm / bs)
-        table = torch.tensor([seq.blocks[:max_blocks] + [0] * (max_blocks - len(seq.blocks[:max_blocks])) for seq, _ in scheduled])
-        kv_slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(B, -1)[:, :Lm]
-        pos_t = torch.tensor(positions)
-        block_of = torch.tensor([seq.blocks[p // bs] for (seq, n) in scheduled for p in range(seq.num_computed, seq.num_computed + n)])
-        slot_mapping = block_of * bs + pos_t % bs
-        keys = torch.arange(Lm)
-        if Qm == 1:
-            mask = (keys < torch.tensor(ctx).unsqueeze(1)).unsqueeze(1)
-            q_index = q_valid = None
-        else:
-            qi = torch.arange(Qm)
-            lens_t, starts_t = torch.tensor(lens).unsqueeze(1), torch.tensor(starts).unsqueeze(1)
-            q_valid = qi < lens_t
-            q_index = torch.where(q_valid, starts_t + qi, 0)
-            q_pos = torch.tensor([seq.num_computed for seq, _ in scheduled]).unsqueeze(1) + qi  # [B, Qm]
-            mask = keys.view(1, 1, Lm) <= q_pos.unsqueeze(-1)
-        ids_t = torch.tensor(ids)
-        batch = AttentionBatch(slot_mapping, kv_slots, mask, q_index, q_valid)
+        singles = [seq for seq, n in scheduled if n == 1]
+        kv_slots = mask = None
+        if singles:
+            ctx = torch.tensor([seq.num_computed + 1 for seq in singles])
+            Lm = int(ctx.max())
+            if compiled:
+                Lm = -(-Lm // L_ALIGN) * L_ALIGN
+            kv_slots = self._context_slots(singles, Lm)
+            mask = (torch.arange(Lm) < ctx.unsqueeze(1)).unsqueeze(1)
+        chunks, start = [], len(singles)
+        for seq, n in scheduled[len(singles) :]:
+            s = seq.num_computed
+            if s == 0:
+                chunks.append(PromptChunk(start, n))
+            else:  # after a cached prefix or an earlier chunk: query i (position s + i) sees keys 0..s + i
+                mask_c = torch.arange(s + n) <= (s + torch.arange(n)).unsqueeze(1)
+                chunks.append(PromptChunk(start, n, self._context_slots([seq], s + n)[0], mask_c))
+            start += n
+        ids_t, pos_t = torch.tensor(ids), torch.tensor(positions)
+        batch = AttentionBatch(torch.tensor(slots), kv_slots, mask, chunks)
         if self.device.type != "cpu":
-            batch = AttentionBatch(*(None if t is None else t.to(self.device, non_blocking=True) for t in vars(batch).values()))
+            batch = batch.to(self.device)
             ids_t, pos_t = ids_t.to(self.device), pos_t.to(self.device)
         if compiled:  # on the tensors the graph gets: a copy to the device does not keep the marks
             self._mark_dynamic(ids_t, pos_t, batch)

@@ -64,6 +64,26 @@ def test_chunked_prefill_and_preemption_keep_outputs(model):
     assert eng.scheduler.preemptions > 0
 
 
+def test_long_prompt_greedy_matches_transformers(model, tiny_llama):
+    """A prompt across many KV blocks and prefill chunks, its chunks sharing steps with a short
+    sequence that decodes meanwhile: greedy ids equal transformers' (a full forward per token) in float32."""
+    from transformers import AutoModelForCausalLM
+
+    reference_model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+
+    def reference(ids: list[int], n: int) -> list[int]:
+        ids = list(ids)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(reference_model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[-n:]
+
+    long = [(37 * k) % 5000 + 10 for k in range(300)]  # 38 blocks of 8, 5 chunks of 64
+    config = EngineConfig(max_batch_total_tokens=1024, block_size=8, max_batch_prefill_tokens=64)
+    outs, _ = run(model, [PROMPTS[0], long], config, max_new=12)
+    assert outs == [reference(PROMPTS[0], 12), reference(long, 12)]
+
+
 def test_seed_reproducible_and_batch_independent(model):
     def seeded(seed):
         return lambda i: SamplingParams(do_sample=True, temperature=1.0, top_k=50, top_p=0.9, seed=seed + i)
