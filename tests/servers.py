@@ -52,7 +52,7 @@ class Server:
             argv += [f"--{key.replace('_', '-')}", str(value)]
         self.log_path = tmp / f"server-{self.port}.log"
         self.log = open(self.log_path, "wb")
-        env = dict(os.environ, SLUICE_CACHE=str(tmp.parent / "sluice-cache"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # SLUICE_CACHE: the run's own (tests/conftest.py)
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.wait_healthy()
 
