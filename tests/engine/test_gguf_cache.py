@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shard.models.llama import LlamaConfig
 from shard.models.loader import _GGUF_NAMES, load_model
 from sluice.modelfiles import ModelSource
 
@@ -24,20 +25,21 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
     from gguf import GGUFWriter
 
-    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg = LlamaConfig.from_hf(json.loads((tiny_llama / "config.json").read_text()))
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     writer = GGUFWriter(str(path), "llama")
-    writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(cfg["rope_theta"])
-    writer.add_bos_token_id(cfg["bos_token_id"])
-    writer.add_eos_token_id(cfg["eos_token_id"])
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_bos_token_id(cfg.bos_token_id)
+    (eos,) = cfg.eos_token_ids
+    writer.add_eos_token_id(eos)
     short = {v: k for k, v in _GGUF_NAMES.items()}
     (weights,) = [load_file(f) for f in tiny_llama.glob("*.safetensors")]
     for name, w in weights.items():
@@ -46,9 +48,9 @@ def tiny_gguf(tiny_llama, tmp_path_factory) -> Path:
             _, i, rest = name.split(".", 2)
             stem, kind = rest.rsplit(".", 1)
             if stem.endswith("q_proj"):
-                w = permute_rope(w, cfg["num_attention_heads"])
+                w = permute_rope(w, cfg.num_heads)
             elif stem.endswith("k_proj"):
-                w = permute_rope(w, cfg["num_key_value_heads"])
+                w = permute_rope(w, cfg.num_kv_heads)
             name = f"blk.{i}.{short[stem]}.{kind}"
         else:
             name = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
