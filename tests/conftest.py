@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,6 @@ from servers import Server
 # Servers the tests start serve eagerly: the default background compile would spend minutes of the
 # two CI cores per server for speed no test measures. tests/engine/test_compile.py covers the compile.
 os.environ.setdefault("COMPILE", "0")
-
-
-@pytest.fixture(scope="session", autouse=True)
-def sluice_cache(tmp_path_factory):
-    """One conversion cache (GGUF weights, tokenizers) for the run: the test process and every server it
-    starts convert the embedded GGUF once between them, and no run depends on what an earlier one left in
-    ~/.cache/sluice. A SLUICE_CACHE set by hand is used instead (the edit-test loop then converts nothing)."""
-    if "SLUICE_CACHE" in os.environ:
-        yield
-        return
-    cache = tmp_path_factory.getbasetemp() / "sluice-cache"
-    os.environ["SLUICE_CACHE"] = str(cache)
-    yield
-    shutil.rmtree(cache, ignore_errors=True)  # ~0.5 GB: pytest keeps its last three temp folders
-
 
 @pytest.fixture(scope="session")
 def server_handle(tmp_path_factory) -> Server:
