@@ -23,3 +23,16 @@ def tiny_fp32_server(tiny_llama, tmp_path_factory) -> Server:
     srv = Server(tmp_path_factory.mktemp("tiny-fp32"), dtype="float32", model_id=tiny_llama)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """The embedded GGUF as transformers loads it (its own GGUF reader, not ours), in float32: the reference
+    that test_parity and test_api_features compare the fp32 server with. Loaded once: tens of seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sluice.modelfiles import resolve
+
+    path = resolve(None).path
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
