@@ -9,8 +9,6 @@ from __future__ import annotations
 import threading
 
 import llguidance
-import llguidance.hf
-import llguidance.torch
 import torch
 
 from sluice.modelfiles import ModelSource, load_tokenizer
@@ -29,6 +27,12 @@ class GrammarCompiler:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._tokenizer is None:
+                # Imported on the first constrained request, off the engine thread, not at every shard's
+                # start: llguidance.hf imports transformers, and llguidance.torch torch.compiles a kernel
+                # at import (one we do not use), which loads dynamo and inductor: ~3 s together.
+                import llguidance.hf
+                import llguidance.torch  # noqa: F401  (mask_logits's, imported here off the engine thread)
+
                 self._tokenizer = llguidance.hf.from_tokenizer(load_tokenizer(self.source), n_vocab=self.vocab_size)
             return self._tokenizer
 
@@ -45,6 +49,8 @@ _BITS = torch.arange(32, dtype=torch.int32)
 
 def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher]) -> None:
     """In place: -inf for every token each row's matcher forbids. logits: [len(matchers), vocab]."""
+    import llguidance.torch  # already imported by GrammarCompiler.tokenizer (see there)
+
     vocab = logits.shape[1]
     bitmask = torch.full(((len(matchers)), (vocab + 31) // 32), -1, dtype=torch.int32)
     for i, m in enumerate(matchers):

@@ -150,6 +150,15 @@ def _check_split(source, num_shard: int, compile: bool = False) -> None:
             raise SystemExit(f"sluice: {exc}") from None
 
 
+def _preload_tokenizer(source) -> None:
+    from sluice.modelfiles import load_tokenizer
+
+    try:
+        load_tokenizer(source)
+    except Exception:
+        pass  # the router's own load, which follows, says what is wrong
+
+
 def run_serve(args: argparse.Namespace) -> None:
     from shard.settings import ShardSettings
 
@@ -167,8 +176,13 @@ def run_serve(args: argparse.Namespace) -> None:
                       model_id=str(source.path) if args.model_id else None)
     argv = [sys.executable, "-m", "sluice", "shard", *to_argv(shard, SHARD)]
     supervisor = ShardSupervisor(argv, address)
+    # The router's tokenizer (transformers' import; a GGUF's conversion, the first time) loads while the
+    # shard loads its weights, not after: the router then finds it imported and converted.
+    tokenizer = threading.Thread(target=_preload_tokenizer, args=(source,), daemon=True)
+    tokenizer.start()
     try:
         _wait_for_shard(address, supervisor.proc)
+        tokenizer.join()
         threading.Thread(target=supervisor.watch, daemon=True).start()
         run_router(args, [address])
     finally:

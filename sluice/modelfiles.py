@@ -68,6 +68,15 @@ def resolve(model_id: str | None) -> ModelSource:
     raise ModelNotFound(f"model {model_id!r}: no such file or folder")
 
 
+def cache_path(kind: str, path: Path) -> Path:
+    """Where what is converted from the file at `path` is cached: $SLUICE_CACHE (default ~/.cache/sluice),
+    then `kind`, then a key from the file's path, size and mtime, so an edited or replaced file is
+    converted again rather than served stale."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(os.environ.get("SLUICE_CACHE", Path.home() / ".cache" / "sluice")) / kind / key
+
+
 def load_tokenizer(source: ModelSource):
     """A fast tokenizer with the model's own chat template.
 
@@ -78,9 +87,7 @@ def load_tokenizer(source: ModelSource):
 
     if not source.is_gguf:
         return AutoTokenizer.from_pretrained(str(source.path))
-    st = source.path.stat()
-    key = hashlib.sha256(f"{source.path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SLUICE_CACHE", Path.home() / ".cache" / "sluice")) / "tokenizers" / key
+    cache = cache_path("tokenizers", source.path)
     if (cache / "tokenizer.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(str(cache))

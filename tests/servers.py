@@ -52,7 +52,9 @@ class Server:
             argv += [f"--{key.replace('_', '-')}", str(value)]
         self.log_path = tmp / f"server-{self.port}.log"
         self.log = open(self.log_path, "wb")
-        env = dict(os.environ, SLUICE_CACHE=str(tmp.parent / "sluice-cache"), PYTHONUNBUFFERED="1")
+        # The conversion cache (SLUICE_CACHE, default ~/.cache/sluice) is the user's own, as the test process's:
+        # the embedded GGUF and its tokenizer are converted once on a machine, not once per server.
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.wait_healthy()
 

@@ -1,12 +1,18 @@
 """Build the model on the meta device, then fill in this rank's slice of each weight.
 
-Two sources: a GGUF file (dequantized with the `gguf` package) or a Hugging Face folder
+Two sources: a GGUF file (dequantized with the `gguf` package, once: the result is cached) or a Hugging Face folder
 (config.json + *.safetensors, read slice by slice so a rank never holds the whole tensor).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import math
+import os
+import struct
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,7 +24,9 @@ from accelerate.utils import set_module_tensor_to_device
 from shard.models.llama import LlamaConfig, LlamaModel
 from shard.models.quantize import QUANTIZE, quantize_int8
 from shard.parallel import TPGroup, check_divisible
-from sluice.modelfiles import ModelSource
+from sluice.modelfiles import ModelSource, cache_path
+
+log = logging.getLogger("sluice.shard")
 
 # A getter returns (part of) one named weight: get(name) -> full tensor, or None if absent.
 Getter = Callable[[str], "torch.Tensor | None"]
@@ -136,11 +144,75 @@ _GGUF_NAMES = {
 }
 
 
+# Bump when what _convert_gguf writes changes (config fields, names, layouts): older cached files go unused.
+_GGUF_CACHE_VERSION = 1
+
+
 def _open_gguf(path: Path) -> tuple[LlamaConfig, Getter]:
+    """A GGUF's config and float32 weights. Parsing its metadata and dequantizing every tensor take ~13 s
+    on 2 cores, at every start of every rank; so they are converted once into a safetensors file in the
+    cache (sluice.modelfiles.cache_path), which later starts read in about a second."""
+    key = cache_path("models", path)
+    cached = key.with_name(f"{key.name}.v{_GGUF_CACHE_VERSION}.safetensors")
+    if cached.is_file():
+        return _open_converted(cached)
+    # Written under a name of our own, then renamed: ranks or servers starting at once each see the
+    # whole file or none (the last rename wins, with the same bytes).
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(path, tmp)
+        os.replace(tmp, cached)
+        return _open_converted(cached)
+    except OSError as exc:  # a read-only or full cache: serve anyway, from a file dropped once open
+        log.warning("could not cache the converted GGUF at %s (%s): converting it again next start", cached, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    with tempfile.TemporaryDirectory() as folder:
+        _convert_gguf(path, Path(folder) / "model.safetensors")
+        return _open_converted(Path(folder) / "model.safetensors")  # mapped in memory: deleting it is fine
+
+
+def _open_converted(file: Path) -> tuple[LlamaConfig, Getter]:
+    from safetensors import safe_open
+
+    handle = safe_open(str(file), framework="pt")
+    names = set(handle.keys())
+    cfg = LlamaConfig(**json.loads(handle.metadata()["config"]))
+    return cfg, lambda name: handle.get_tensor(name) if name in names else None
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Every weight of the GGUF, dequantized to float32 and named as in Hugging Face checkpoints, written
+    as a safetensors file (an 8-byte header length, a JSON header, the tensors' bytes) one tensor at a
+    time, so that converting a large model never holds more than one of its tensors in memory."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
+    cfg, arch = _gguf_config(reader)
+    weights = [(_hf_name(t.name), t) for t in reader.tensors]
+    weights = [(name, t) for name, t in weights if name]  # not rope_freqs and the like
+    header, offset = {"__metadata__": {"config": json.dumps(dataclasses.asdict(cfg))}}, 0
+    for name, t in weights:
+        shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims innermost first
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * math.prod(shape)]}
+        offset += 4 * math.prod(shape)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # the format pads the header with spaces to align the tensors
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name, t in weights:
+            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # writable copy
+            w = w.reshape(header[name]["shape"])
+            if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+                w = _unpermute_rope(w, cfg.num_heads)
+            elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+                w = _unpermute_rope(w, cfg.num_kv_heads)
+            f.write(w.contiguous().numpy().tobytes())
+
+
+def _gguf_config(reader) -> tuple[LlamaConfig, str]:
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     meta["eos"] = reader.fields["tokenizer.ggml.eos_token_id"].contents() if "tokenizer.ggml.eos_token_id" in reader.fields else None
     arch = meta["general.architecture"]
@@ -154,7 +226,7 @@ def _open_gguf(path: Path) -> tuple[LlamaConfig, Getter]:
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": meta[f"{arch}.rope.scaling.factor"]}
     cfg = LlamaConfig(
-        vocab_size=meta.get(f"{arch}.vocab_size") or tensors["token_embd.weight"].shape[1],
+        vocab_size=int(meta.get(f"{arch}.vocab_size") or tensors["token_embd.weight"].shape[1]),
         hidden_size=hidden,
         intermediate_size=meta[f"{arch}.feed_forward_length"],
         num_layers=meta[f"{arch}.block_count"],
@@ -170,26 +242,13 @@ def _open_gguf(path: Path) -> tuple[LlamaConfig, Getter]:
         eos_token_ids=[] if meta["eos"] is None else [int(meta["eos"])],
         bos_token_id=reader.fields["tokenizer.ggml.bos_token_id"].contents() if "tokenizer.ggml.bos_token_id" in reader.fields else None,
     )
+    return cfg, arch
 
-    def gguf_name(name: str) -> str:
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            stem, kind = rest.rsplit(".", 1)
-            short = {v: k for k, v in _GGUF_NAMES.items()}[stem]
-            return f"blk.{i}.{short}.{kind}"
-        return {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}[name]
 
-    def get(name: str) -> torch.Tensor | None:
-        t = tensors.get(gguf_name(name))
-        if t is None:
-            return None
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # writable copy
-        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute_rope(w, heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute_rope(w, kv_heads)
-        return w
-
-    return cfg, get
+def _hf_name(gguf_name: str) -> str | None:
+    """blk.3.attn_q.weight -> layers.3.self_attn.q_proj.weight; None for a tensor our model does not have."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
+        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+            "output.weight": "lm_head.weight"}.get(gguf_name)

@@ -83,7 +83,7 @@ def test_streams_left_at_the_shutdown_timeout_end_with_an_error_event(start_serv
 def test_sigterm_to_the_shard_alone_drains_it(start_server):
     """Kubernetes and compose stop the shard container on its own: SIGTERM lets its stream finish, then it
     exits 0 (here `sluice serve` starts it again, and the same router serves on)."""
-    url = start_server()
+    url = start_server(shutdown_timeout=300)  # a slow machine still finishes the stream: no race with a timeout
     srv = start_server.servers[-1]
     (shard,) = children(srv.proc.pid)
     with httpx.stream("POST", url + "/generate_stream", json=BODY, timeout=120) as r:

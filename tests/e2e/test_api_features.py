@@ -88,13 +88,9 @@ def test_seeded_sampling_ignores_batch_company(fp32):
     assert crowded == alone
 
 
-def test_logprobs_equal_log_softmax_of_the_model(fp32):
+def test_logprobs_equal_log_softmax_of_the_model(fp32, smollm2_reference):
     """Generated and prompt token logprobs from a float32 server against transformers' forward in fp32."""
-    from transformers import AutoModelForCausalLM
-
-    url = fp32
-    path = resolve(None).path
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    url, model = fp32, smollm2_reference
     out = InferenceClient(base_url=url).text_generation(PROMPT, max_new_tokens=4, details=True,
                                                         decoder_input_details=True, top_n_tokens=2)
     prompt_ids = [t.id for t in out.details.prefill]

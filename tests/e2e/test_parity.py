@@ -36,15 +36,8 @@ def check_all(url: str, model) -> None:
         assert ours == ref, f"prompt {prompt!r}: ours {ours} != transformers {ref}"
 
 
-def test_gguf_greedy_matches_transformers(fp32_server):
-    from transformers import AutoModelForCausalLM
-
-    from sluice.modelfiles import resolve
-
-    url = fp32_server
-    path = resolve(None).path
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    check_all(url, model)
+def test_gguf_greedy_matches_transformers(fp32_server, smollm2_reference):
+    check_all(fp32_server, smollm2_reference)
 
 
 def test_safetensors_greedy_matches_transformers(tiny_fp32_server, tiny_llama):

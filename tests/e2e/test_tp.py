@@ -31,17 +31,17 @@ def greedy(url: str, new_tokens: int = 16) -> list[list[int]]:
     return out
 
 
-def test_smollm2_three_ranks_match_one(start_server):
-    one = greedy(start_server(dtype="float32"))
+def test_smollm2_three_ranks_match_one(start_server, fp32_server):
+    one = greedy(fp32_server)  # the shared one-rank server, same flags
     url = start_server(dtype="float32", num_shard=3)
     assert httpx.get(url + "/info").json()["num_shard"] == 3
     assert greedy(url) == one
 
 
 @pytest.mark.parametrize("n", [2, 4])
-def test_tiny_llama_ranks_match_one(start_server, tiny_llama, n):
+def test_tiny_llama_ranks_match_one(start_server, tiny_fp32_server, tiny_llama, n):
     # 4 heads, 2 KV heads: N=2 splits both, N=4 replicates each KV head on two ranks.
-    one = greedy(start_server(dtype="float32", model_id=tiny_llama), 24)
+    one = greedy(tiny_fp32_server.url, 24)  # the shared one-rank server, same flags
     assert greedy(start_server(dtype="float32", model_id=tiny_llama, num_shard=n), 24) == one
 
 
