@@ -9,7 +9,7 @@ import json
 import pytest
 
 from router.contract import FinishReason
-from scripted_pool import run_in_process
+from scripted_pool import chunks_of, run_in_process
 from sluice.modelfiles import load_tokenizer, resolve
 
 CALL = '{"name":"get_weather","arguments":{"city":"Paris","days":3}}'
@@ -23,13 +23,6 @@ NOTHING = {"role": "", "tool_calls": None}
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
     return load_tokenizer(resolve(str(tiny_llama)))
-
-
-def chunks_of(text: str) -> list[dict]:
-    # Each event's data line (an `id:` line comes before it: resumable streams).
-    events = [block.split("\n")[-1].removeprefix("data: ") for block in text.strip("\n").split("\n\n")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(e) for e in events[:-1]]
 
 
 def test_tool_call_streams_as_written_then_a_finish_chunk(tiny_llama, tokenizer):

@@ -7,19 +7,12 @@ import json
 
 import pytest
 
-from scripted_pool import run_in_process
-from sluice.modelfiles import load_tokenizer, resolve
+from scripted_pool import chunks_of, run_in_process
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_llama):
-    return load_tokenizer(resolve(str(tiny_llama)))
-
-
-def chunks_of(text: str) -> list[dict]:
-    events = [block.split("\n")[-1].removeprefix("data: ") for block in text.strip("\n").split("\n\n")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(e) for e in events[:-1]]
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def test_several_prompts_prompt_major(tiny_llama, tokenizer):

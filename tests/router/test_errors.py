@@ -10,14 +10,13 @@ import pytest
 
 from api_errors import error_of, refusal
 from scripted_pool import run_in_process
-from sluice.modelfiles import load_tokenizer, resolve
 
 USER = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_llama):
-    return load_tokenizer(resolve(str(tiny_llama)))
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def test_validation_in_each_dialect(tiny_llama, tokenizer):
