@@ -7,16 +7,20 @@ from __future__ import annotations
 import httpx
 
 
+def openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
 def invalid_status(path: str) -> int:
     """What a validation error answers on `path`."""
-    return 400 if path.startswith("/v1/") else 422
+    return 400 if openai_path(path) else 422
 
 
 def error_of(r: httpx.Response) -> dict:
     """The error's parts, its shape checked for its route: message, error_type, and on /v1 type and param."""
     body = r.json()
     assert r.headers["content-type"] == "application/json", r.headers
-    if r.request.url.path.startswith("/v1/"):
+    if openai_path(r.request.url.path):
         assert set(body) == {"error", "error_type"} and set(body["error"]) == {"message", "type", "param", "code"}, body
         assert body["error"]["code"] is None and isinstance(body["error"]["message"], str), body
         return {**body["error"], "error_type": body["error_type"]}
