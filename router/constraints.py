@@ -106,7 +106,7 @@ class Structure:
     grammar: str = ""
     functions: list[dict] = field(default_factory=list)
     allow_text: bool = True  # with functions: the model may answer in text (`no_tool`)
-    parallel: bool = True  # with functions: the model may write several calls, one per line
+    parallel: bool = False  # with functions: the model may write several calls, one per line
 
     @property
     def tools(self) -> bool:
@@ -119,11 +119,14 @@ class Structure:
 
 def structure(functions: list[dict] | None, tool_choice: str | None, tool_name: str | None,
               format_grammar: Callable[[], str | None], format_given: bool, format_field: str,
-              parallel: bool = True) -> Structure:
+              parallel: bool = False) -> Structure:
     """The one rule set for tools and output formats, both OpenAI dialects: tools and a non-text format
-    exclude each other; a tool_choice other than none/auto needs tools; `parallel` (parallel_tool_calls)
-    lets one answer hold several calls. `format_grammar` compiles the dialect's format (only called when
-    there are no tools to call)."""
+    exclude each other; a tool_choice other than none/auto needs tools. `parallel` lets one answer hold
+    several calls: the routes pass `parallel_tool_calls: true` only, not OpenAI's default (true when unset).
+    That field is a permission, so one call is within it, and a small model given the choice repeats its
+    call until max_tokens (SmolLM2-135M: the same get_weather call over and over); llama.cpp's server makes
+    the same choice. `format_grammar` compiles the dialect's format (only called when there are no tools
+    to call)."""
     if functions and format_given:
         raise ApiError(422, f"{format_field}: cannot be combined with tools")
     if functions:
@@ -150,7 +153,7 @@ _NO_TOOL_CALL = _call_schema(NO_TOOL, {"type": "object", "properties": {"content
                                        "required": ["content"]})
 
 
-def tools_grammar(functions: list[dict], allow_text: bool, parallel: bool = True) -> str:
+def tools_grammar(functions: list[dict], allow_text: bool, parallel: bool = False) -> str:
     """A Lark grammar (llguidance's) over the calls: one call, or with `parallel` several, one per line;
     with `allow_text`, a `no_tool` answer instead (alone: it is the whole answer). Each function's call is a
     JSON schema of its own, so that each keeps its own `$defs`."""
@@ -166,7 +169,7 @@ def tools_grammar(functions: list[dict], allow_text: bool, parallel: bool = True
     return _checked("\n".join(["start: calls | no_tool" if allow_text else "start: calls", *rules]), "tools")
 
 
-def tool_system_prompt(functions: list[dict], allow_text: bool, parallel: bool = True) -> str:
+def tool_system_prompt(functions: list[dict], allow_text: bool, parallel: bool = False) -> str:
     listing = "\n".join(json.dumps(f, separators=(",", ":")) for f in functions)
     return TOOL_PROMPT.format(tools=listing, parallel=_PARALLEL_HINT if parallel else "",
                               auto=_AUTO_HINT if allow_text else "")

@@ -238,7 +238,7 @@ class ChatCompletionRequest(_OpenAISampling):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # permission, not a demand: one call per choice is within it
+    parallel_tool_calls: bool | None = None  # true: several calls per choice (see constraints.structure)
 
     @field_validator("tool_choice")
     @classmethod

@@ -108,7 +108,7 @@ def sdk_accumulates(chunks: list[dict], tools: list[dict]) -> tuple[list, object
 def test_several_calls_in_one_answer(tiny_llama, tokenizer):
     async def check(client, pool):
         pool.text = TWO_CALLS
-        body = {**CHAT, "tools": [WEATHER, CITY]}
+        body = {**CHAT, "tools": [WEATHER, CITY], "parallel_tool_calls": True}
         whole = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]
         calls = whole["message"]["tool_calls"]
         assert whole["finish_reason"] == "tool_calls" and whole["message"]["content"] is None
@@ -134,9 +134,10 @@ def test_several_calls_in_one_answer(tiny_llama, tokenizer):
         assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [
             (c["function"]["name"], c["function"]["arguments"]) for c in calls]
 
-        # parallel_tool_calls false: one call, by the grammar and by the prompt.
-        await client.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False})
-        assert "per line" not in pool.prompt() and '"\\n"' not in pool.requests[-1].grammar
+        # parallel_tool_calls false or unset: one call, by the grammar and by the prompt.
+        for fields in ({"parallel_tool_calls": False}, {"parallel_tool_calls": None}, {}):
+            await client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER, CITY], **fields})
+            assert "per line" not in pool.prompt() and '"\\n"' not in pool.requests[-1].grammar
 
     run_in_process(tiny_llama, tokenizer, check)
 

@@ -191,11 +191,13 @@ def test_function_call_streamed_and_not(tiny_llama, tokenizer):
 def test_several_function_calls_streamed_and_not(tiny_llama, tokenizer):
     async def check(client, pool):
         pool.text = CALL + "\n" + CALL.replace("Paris", "Lyon")
-        body = {"input": "Weather in Paris and Lyon?", "tools": [WEATHER], "tool_choice": "required"}
+        body = {"input": "Weather in Paris and Lyon?", "tools": [WEATHER], "tool_choice": "required",
+                "parallel_tool_calls": True}
         whole = (await client.post("/v1/responses", json=body)).json()
         assert [(o["type"], json.loads(o["arguments"])) for o in whole["output"]] == [
             ("function_call", {"city": "Paris"}), ("function_call", {"city": "Lyon"})]
         assert len({o["call_id"] for o in whole["output"]}) == len({o["id"] for o in whole["output"]}) == 2
+        assert whole["parallel_tool_calls"] is True
         events = events_of(await client.post("/v1/responses", json={**body, "stream": True}))
         kinds = [(e["type"], e.get("output_index")) for e in events if e["type"] != "response.function_call_arguments.delta"]
         assert kinds == [("response.created", None), ("response.in_progress", None),
@@ -209,9 +211,12 @@ def test_several_function_calls_streamed_and_not(tiny_llama, tokenizer):
                       and e["output_index"] == k]
             item = next(e["item"] for e in events if e["type"] == "response.output_item.done" and e["output_index"] == k)
             assert "".join(deltas) == item["arguments"] == final[k]["arguments"] and item == final[k]
-        # parallel_tool_calls false: a grammar for one call.
-        await client.post("/v1/responses", json={**body, "parallel_tool_calls": False})
+        # parallel_tool_calls false or unset: a grammar for one call.
+        one = (await client.post("/v1/responses", json={**body, "parallel_tool_calls": False})).json()
         assert '"\\n"' not in pool.requests[-1].grammar and '"\\n"' in pool.requests[-2].grammar
+        assert one["parallel_tool_calls"] is False
+        await client.post("/v1/responses", json={**body, "parallel_tool_calls": None})
+        assert '"\\n"' not in pool.requests[-1].grammar
 
     run(tiny_llama, tokenizer, check)
 
