@@ -119,14 +119,14 @@ class Structure:
 
 def structure(functions: list[dict] | None, tool_choice: str | None, tool_name: str | None,
               format_grammar: Callable[[], str | None], format_given: bool, format_field: str,
-              parallel: bool = False) -> Structure:
+              parallel_tool_calls: bool | None = None) -> Structure:
     """The one rule set for tools and output formats, both OpenAI dialects: tools and a non-text format
-    exclude each other; a tool_choice other than none/auto needs tools. `parallel` lets one answer hold
-    several calls: the routes pass `parallel_tool_calls: true` only, not OpenAI's default (true when unset).
-    That field is a permission, so one call is within it, and a small model given the choice repeats its
-    call until max_tokens (SmolLM2-135M: the same get_weather call over and over); llama.cpp's server makes
-    the same choice. `format_grammar` compiles the dialect's format (only called when there are no tools
-    to call)."""
+    exclude each other; a tool_choice other than none/auto needs tools; one answer holds several calls only
+    with `parallel_tool_calls: true`, not at OpenAI's default (true when unset). That field is a permission,
+    so one call is within it, and a small model given the choice repeats its call until max_tokens
+    (SmolLM2-135M: the same get_weather call over and over); llama.cpp's server makes the same choice.
+    `format_grammar` compiles the dialect's format (only called when there are no tools to call)."""
+    parallel = parallel_tool_calls is True
     if functions and format_given:
         raise ApiError(422, f"{format_field}: cannot be combined with tools")
     if functions:

@@ -142,7 +142,7 @@ def chat_structure(body: schemas.ChatCompletionRequest) -> constraints.Structure
     return constraints.structure(
         [t.function.model_dump() for t in body.tools or []], "function" if named else choice, named,
         partial(_response_format_grammar, fmt), bool(fmt and fmt.type != "text"), "response_format",
-        parallel=body.parallel_tool_calls is True)
+        body.parallel_tool_calls)
 
 
 def _response_format_grammar(fmt: schemas.ResponseFormat | None) -> str | None:

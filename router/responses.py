@@ -105,7 +105,7 @@ def responses_structure(body: ResponsesRequest) -> constraints.Structure:
     fmt = body.text.format if body.text else None
     return constraints.structure(functions, "function" if named else choice, named,
                                  partial(_format_grammar, fmt), bool(fmt and fmt.type != "text"), "text.format",
-                                 parallel=body.parallel_tool_calls is True)
+                                 body.parallel_tool_calls)
 
 
 def _format_grammar(fmt) -> str | None:
@@ -144,7 +144,7 @@ class Draft:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": self.model,
             "output": output,
-            "parallel_tool_calls": b.parallel_tool_calls is True,  # what this answer was allowed (constraints.py)
+            "parallel_tool_calls": b.parallel_tool_calls is True,  # what constraints.structure allowed
             "previous_response_id": b.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": b.store is not False,
