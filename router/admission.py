@@ -98,8 +98,7 @@ class Admission:
                 at = deadline.parse_header(headers[deadline.DEADLINE_HEADER]) if deadline.DEADLINE_HEADER in headers \
                     else None
             except ApiError as exc:
-                return await error_response(path, exc.status, exc.message, exc.error_type, param=exc.param)(
-                    scope, receive, send_and_note)
+                return await error_response(path, exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
             # The handler, its stream and the shard request read the tenant and the deadline from here.
             tokens = CURRENT.set(usage), deadline.AT.set(at)
             try:

@@ -100,7 +100,7 @@ async def _by_method(handlers: dict[str, Callable], request: Request) -> Respons
 async def on_api_error(request: Request, exc: ApiError) -> Response:
     # After a 413 the rest of the body is unread: close rather than read it to reach the next request.
     return error_response(request.scope["path"], exc.status, exc.message, exc.error_type,
-                          {"Connection": "close"} if exc.status == 413 else None, exc.param)
+                          {"Connection": "close"} if exc.status == 413 else None)
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> Response:

@@ -30,12 +30,11 @@ _OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "invalid_re
 class ApiError(Exception):
     """Raised by a handler before any byte is sent; rendered by `error_response` for the route's dialect."""
 
-    def __init__(self, status: int, message: str, error_type: str = "validation", param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_type: str = "validation") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
-        self.param = param
 
 
 def is_openai_path(path: str) -> bool:
@@ -55,12 +54,11 @@ def listed(values: list, most: int = 50) -> str:
     return shown + (f" (and {len(values) - most} more)" if len(values) > most else "")
 
 
-def error_response(path: str, status: int, message: str, error_type: str, headers: dict | None = None,
-                   param: str | None = None) -> JSONResponse:
+def error_response(path: str, status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
     """The error answer for a request to `path`."""
     if not is_openai_path(path):
         return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
     body = {"error": {"message": message, "type": _OPENAI_TYPES.get(error_type, "server_error"),
-                      "param": param or (param_of(message) if error_type == "validation" else None), "code": None},
+                      "param": param_of(message) if error_type == "validation" else None, "code": None},
             "error_type": error_type}
     return JSONResponse(body, status_code=400 if status == 422 else status, headers=headers)
