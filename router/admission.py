@@ -98,7 +98,8 @@ class Admission:
                 at = deadline.parse_header(headers[deadline.DEADLINE_HEADER]) if deadline.DEADLINE_HEADER in headers \
                     else None
             except ApiError as exc:
-                return await error_response(path, exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
+                refused = error_response(path, exc.status, exc.message, exc.error_type)
+                return await refused(scope, receive, send_and_note)
             # The handler, its stream and the shard request read the tenant and the deadline from here.
             tokens = CURRENT.set(usage), deadline.AT.set(at)
             try:

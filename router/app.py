@@ -136,7 +136,8 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     for e in ENDPOINTS:
         by_path.setdefault(e.path, {})[e.method] = e.handler
     routes = [Route(path, partial(_by_method, handlers), methods=list(handlers)) for path, handlers in by_path.items()]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
     app.state.router = router
     app.state.load = load
     app.state.responses = ResponseStore(settings.responses_store_max, settings.responses_store_bytes)

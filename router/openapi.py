@@ -129,7 +129,8 @@ def _responses(e) -> dict:
     body, invalid = ("OpenAIError", "400") if is_openai_path(e.path) else ("Error", "422")
 
     def _error(description: str) -> dict:
-        return {"description": description, "headers": _HEADERS, "content": {"application/json": {"schema": _ref(body)}}}
+        return {"description": description, "headers": _HEADERS,
+                "content": {"application/json": {"schema": _ref(body)}}}
 
     content = {}
     for media in _MEDIA[e.kind]:

@@ -199,7 +199,8 @@ def test_several_function_calls_streamed_and_not(tiny_llama, tokenizer):
         assert len({o["call_id"] for o in whole["output"]}) == len({o["id"] for o in whole["output"]}) == 2
         assert whole["parallel_tool_calls"] is True
         events = events_of(await client.post("/v1/responses", json={**body, "stream": True}))
-        kinds = [(e["type"], e.get("output_index")) for e in events if e["type"] != "response.function_call_arguments.delta"]
+        kinds = [(e["type"], e.get("output_index")) for e in events
+                 if e["type"] != "response.function_call_arguments.delta"]
         assert kinds == [("response.created", None), ("response.in_progress", None),
                          ("response.output_item.added", 0), ("response.function_call_arguments.done", 0),
                          ("response.output_item.done", 0), ("response.output_item.added", 1),
@@ -209,7 +210,8 @@ def test_several_function_calls_streamed_and_not(tiny_llama, tokenizer):
         for k in (0, 1):
             deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
                       and e["output_index"] == k]
-            item = next(e["item"] for e in events if e["type"] == "response.output_item.done" and e["output_index"] == k)
+            item = next(e["item"] for e in events
+                        if e["type"] == "response.output_item.done" and e["output_index"] == k)
             assert "".join(deltas) == item["arguments"] == final[k]["arguments"] and item == final[k]
         # parallel_tool_calls false or unset: a grammar for one call.
         one = (await client.post("/v1/responses", json={**body, "parallel_tool_calls": False})).json()
