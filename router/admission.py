@@ -77,12 +77,12 @@ class Admission:
                 tenant = self.tenants.identify(headers)
                 if isinstance(tenant, str):  # why there is none
                     code, kind = (401, "authentication") if self.tenants.auth_required else (422, "validation")
-                    return await error_response(code, tenant, kind)(scope, receive, send_and_note)
+                    return await error_response(path, code, tenant, kind)(scope, receive, send_and_note)
                 usage = self.tenants.usage_of(tenant)
             if self.load.draining and path != "/metrics":
                 # 503 (not 429) on purpose: load balancers take it, and /health's 503, as "go elsewhere".
                 # Connection: close so that keep-alive clients reconnect to another instance.
-                return await error_response(503, "the server is shutting down; retry on another instance",
+                return await error_response(path, 503, "the server is shutting down; retry on another instance",
                                             "unavailable", {"Connection": "close"})(scope, receive, send_and_note)
             if not generation:
                 return await self.app(scope, receive, send_and_note)
@@ -92,13 +92,14 @@ class Admission:
             refusal = refusal or self.tenants.refusal(usage, time.monotonic())
             if refusal:
                 message, retry_after = refusal
-                return await error_response(429, message, "overloaded", {"Retry-After": str(retry_after)})(
+                return await error_response(path, 429, message, "overloaded", {"Retry-After": str(retry_after)})(
                     scope, receive, send_and_note)
             try:
                 at = deadline.parse_header(headers[deadline.DEADLINE_HEADER]) if deadline.DEADLINE_HEADER in headers \
                     else None
             except ApiError as exc:
-                return await error_response(exc.status, exc.message, exc.error_type)(scope, receive, send_and_note)
+                refused = error_response(path, exc.status, exc.message, exc.error_type)
+                return await refused(scope, receive, send_and_note)
             # The handler, its stream and the shard request read the tenant and the deadline from here.
             tokens = CURRENT.set(usage), deadline.AT.set(at)
             try:

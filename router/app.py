@@ -14,6 +14,7 @@ from functools import partial
 
 from pydantic import BaseModel
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -98,7 +99,18 @@ async def _by_method(handlers: dict[str, Callable], request: Request) -> Respons
 
 async def on_api_error(request: Request, exc: ApiError) -> Response:
     # After a 413 the rest of the body is unread: close rather than read it to reach the next request.
-    return error_response(exc.status, exc.message, exc.error_type, {"Connection": "close"} if exc.status == 413 else None)
+    return error_response(request.scope["path"], exc.status, exc.message, exc.error_type,
+                          {"Connection": "close"} if exc.status == 413 else None)
+
+
+async def on_http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (an unknown path, a method the path does not take) as JSON, never plain
+    text: TGI's client decodes every error body as JSON."""
+    path = request.scope["path"]
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: f"no route {path}", 405: f"{request.method} is not allowed on {path}"}.get(exc.status_code,
+                                                                                               exc.detail)
+    return error_response(path, exc.status_code, message, kinds.get(exc.status_code, "validation"), exc.headers)
 
 
 def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starlette:
@@ -124,7 +136,8 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     for e in ENDPOINTS:
         by_path.setdefault(e.path, {})[e.method] = e.handler
     routes = [Route(path, partial(_by_method, handlers), methods=list(handlers)) for path, handlers in by_path.items()]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: on_api_error})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
     app.state.router = router
     app.state.load = load
     app.state.responses = ResponseStore(settings.responses_store_max, settings.responses_store_bytes)

@@ -25,8 +25,10 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 
 TOOL_PROMPT = (
     "You can call these functions:\n{tools}\n"
-    "To call one, answer with only a JSON object {{\"name\": <function name>, \"arguments\": <arguments object>}}.{auto}"
+    "To call one, answer with only a JSON object {{\"name\": <function name>, \"arguments\": <arguments object>}}."
+    "{parallel}{auto}"
 )
+_PARALLEL_HINT = " To call several, write one such object per line."
 _AUTO_HINT = f" To answer without a call, use the name \"{NO_TOOL}\" with arguments {{\"content\": <your answer>}}."
 
 
@@ -104,54 +106,78 @@ class Structure:
     grammar: str = ""
     functions: list[dict] = field(default_factory=list)
     allow_text: bool = True  # with functions: the model may answer in text (`no_tool`)
+    parallel: bool = False  # with functions: the model may write several calls, one per line
 
     @property
     def tools(self) -> bool:
-        """Whether the output is a tool call under tools_grammar (to be read with parse_tool_call)."""
+        """Whether the output is tool calls under tools_grammar (to be read with parse_tool_calls)."""
         return bool(self.functions)
 
     def system_prompt(self) -> str | None:
-        return tool_system_prompt(self.functions, self.allow_text) if self.functions else None
+        return tool_system_prompt(self.functions, self.allow_text, self.parallel) if self.functions else None
 
 
 def structure(functions: list[dict] | None, tool_choice: str | None, tool_name: str | None,
-              format_grammar: Callable[[], str | None], format_given: bool, format_field: str) -> Structure:
+              format_grammar: Callable[[], str | None], format_given: bool, format_field: str,
+              parallel_tool_calls: bool | None = None) -> Structure:
     """The one rule set for tools and output formats, both OpenAI dialects: tools and a non-text format
-    exclude each other; a tool_choice other than none/auto needs tools. `format_grammar` compiles the
-    dialect's format (only called when there are no tools to call)."""
+    exclude each other; a tool_choice other than none/auto needs tools; one answer holds several calls only
+    with `parallel_tool_calls: true`, not at OpenAI's default (true when unset). That field is a permission,
+    so one call is within it, and a small model given the choice repeats its call until max_tokens
+    (SmolLM2-135M: the same get_weather call over and over); llama.cpp's server makes the same choice.
+    `format_grammar` compiles the dialect's format (only called when there are no tools to call)."""
+    parallel = parallel_tool_calls is True
     if functions and format_given:
         raise ApiError(422, f"{format_field}: cannot be combined with tools")
     if functions:
         chosen, allow_text = chosen_tools(functions, tool_choice, tool_name)
         if chosen:
-            return Structure(tools_grammar(chosen, allow_text), chosen, allow_text)
+            return Structure(tools_grammar(chosen, allow_text, parallel), chosen, allow_text, parallel)
     elif tool_choice not in (None, "none", "auto"):
         raise ApiError(422, "tool_choice: needs tools")
     return Structure(format_grammar() or "")
 
 
-def tools_grammar(functions: list[dict], allow_text: bool) -> str:
-    def call(name: str, parameters: dict) -> dict:
-        return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-                "required": ["name", "arguments"], "additionalProperties": False}
+def _call_schema(name: str, parameters: dict | None) -> dict:
+    """One call as the model writes it, `{"name": ..., "arguments": {...}}`, as a schema of its own. The
+    parameters' `$defs` (`definitions` in older drafts) move to its root, where their `#/$defs/...`
+    references resolve (pydantic writes every nested model that way). A function takes the arguments it
+    declares: unless its schema says otherwise, no others."""
+    arguments = {"additionalProperties": False, **(parameters or {"type": "object"})}
+    defs = {key: arguments.pop(key) for key in ("$defs", "definitions") if key in arguments}
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+            "required": ["name", "arguments"], "additionalProperties": False, **defs}
 
-    # A function takes the arguments it declares: unless the schema says otherwise, no others.
-    options = [call(f["name"], {"additionalProperties": False, **(f.get("parameters") or {"type": "object"})})
-               for f in functions]
+
+_NO_TOOL_CALL = _call_schema(NO_TOOL, {"type": "object", "properties": {"content": {"type": "string"}},
+                                       "required": ["content"]})
+
+
+def tools_grammar(functions: list[dict], allow_text: bool, parallel: bool = False) -> str:
+    """A Lark grammar (llguidance's) over the calls: one call, or with `parallel` several, one per line;
+    with `allow_text`, a `no_tool` answer instead (alone: it is the whole answer). Each function's call is a
+    JSON schema of its own, so that each keeps its own `$defs`."""
+    rules = []
+    for i, f in enumerate(functions):
+        schema = _call_schema(f["name"], f.get("parameters"))
+        json_schema_grammar(schema, "tools")  # alone first: a bad schema's 422 says only what is wrong with it
+        rules.append(f"call_{i}: %json {json.dumps({**schema, 'x-guidance': _JSON_OPTIONS})}")
+    rules.append("call: " + " | ".join(f"call_{i}" for i in range(len(functions))))
+    rules.append('calls: call ("\\n" call)*' if parallel else "calls: call")
     if allow_text:
-        options.append(call(NO_TOOL, {"type": "object", "properties": {"content": {"type": "string"}},
-                                      "required": ["content"], "additionalProperties": False}))
-    return json_schema_grammar({"anyOf": options}, "tools")
+        rules.append(f"no_tool: %json {json.dumps({**_NO_TOOL_CALL, 'x-guidance': _JSON_OPTIONS})}")
+    return _checked("\n".join(["start: calls | no_tool" if allow_text else "start: calls", *rules]), "tools")
 
 
-def tool_system_prompt(functions: list[dict], allow_text: bool) -> str:
+def tool_system_prompt(functions: list[dict], allow_text: bool, parallel: bool = False) -> str:
     listing = "\n".join(json.dumps(f, separators=(",", ":")) for f in functions)
-    return TOOL_PROMPT.format(tools=listing, auto=_AUTO_HINT if allow_text else "")
+    return TOOL_PROMPT.format(tools=listing, parallel=_PARALLEL_HINT if parallel else "",
+                              auto=_AUTO_HINT if allow_text else "")
 
 
 def call_text(name: str, arguments: str | dict) -> str:
     """A call as tools_grammar makes the model write it (for the history of a conversation): `arguments`
-    as an object, not as the JSON string OpenAI's messages carry it in."""
+    as an object, not as the JSON string OpenAI's messages carry it in. Several calls go one per line."""
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
@@ -160,70 +186,109 @@ def call_text(name: str, arguments: str | dict) -> str:
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
 
 
-# The head of a call under tools_grammar, up to where its arguments begin.
-_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+# The head of a call under tools_grammar, up to where its arguments begin (group 1: its opening brace,
+# group 2: its name). Calls after the first come after a line break.
+_CALL_HEAD = re.compile(r'\s*(\{)\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 
 
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def _json_end(text: str, at: int) -> int | None:
+    """Where the JSON value that starts at `at` ends, or None while it is incomplete."""
+    try:
+        return json.JSONDecoder().raw_decode(text, at)[1]
+    except ValueError:
+        return None
+
+
+@dataclass
+class _Call:
+    name: str
+    head: int  # where its object begins
+    start: int  # where its arguments begin
+    sent: int  # how far its arguments were handed out
+    done: bool = False  # its object is complete
+
+
 class ToolCallReader:
-    """Reads a generation under tools_grammar as it is written: the function's name as soon as it is
-    complete, then its arguments' JSON text piece by piece. The call's own closing brace (and any space
-    before it) is held back, so the pieces put together are exactly the final `arguments`."""
+    """Reads a generation under tools_grammar as it is written: each call's name as soon as it is complete,
+    then its arguments' JSON text piece by piece. The call's own closing brace (and any space before it) is
+    held back until the call is complete, so each call's pieces put together are exactly its final
+    `arguments`. A `no_tool` answer is text, read whole at the end (parse_tool_calls)."""
 
     def __init__(self) -> None:
         self.text = ""
-        self.name: str | None = None
-        self._start = 0  # where the arguments begin
-        self._sent = 0
+        self.calls: list[_Call] = []
+        self.text_answer = False  # the answer is `no_tool`
+        self._next = 0  # where the next call's head is looked for
 
     @property
     def calling(self) -> bool:
-        """Whether this is a call (its name is known and is not `no_tool`)."""
-        return self.name is not None and self.name != NO_TOOL
+        """Whether the answer is calls (a first name is known and is not `no_tool`)."""
+        return bool(self.calls)
 
-    def add(self, piece: str) -> str:
-        """Append generated text; returns the argument text that is certain now (none before the name)."""
+    def add(self, piece: str) -> list[tuple[int, str | None, str]]:
+        """Append generated text; returns what is certain now, in order: `(call index, name, "")` when a
+        call's name is complete, `(call index, None, argument text)` as its arguments are written."""
         self.text += piece
-        if self.name is None:
-            head = _CALL_HEAD.match(self.text)
-            if head is None:
-                return ""
-            self.name = json.loads(head.group(1))
-            self._start = self._sent = head.end()
-        return self._release(len(self.text.rstrip()) - 1) if self.calling else ""
+        out: list[tuple[int, str | None, str]] = []
+        while not self.text_answer:
+            call = self.calls[-1] if self.calls and not self.calls[-1].done else None
+            if call is None:
+                head = _CALL_HEAD.match(self.text, self._next)
+                if head is None:
+                    break
+                name = json.loads(head.group(2))
+                if name == NO_TOOL and not self.calls:
+                    self.text_answer = True
+                    break
+                call = _Call(name, head.start(1), head.end(), head.end())
+                self.calls.append(call)
+                out.append((len(self.calls) - 1, name, ""))
+            # A call is complete only once its closing brace is written, which is in this piece.
+            end = _json_end(self.text, call.head) if "}" in piece else None
+            if end is None:
+                self._emit(out, self._release(call, len(self.text.rstrip()) - 1))
+                break
+            self._emit(out, self._release(call, call.start + len(self.arguments(len(self.calls) - 1))))
+            call.done, self._next = True, end
+        return out
 
-    def finish(self) -> str:
-        """The rest of the arguments, the generation being over."""
-        return self._release(self._start + len(self.arguments)) if self.calling else ""
+    def finish(self) -> list[tuple[int, str | None, str]]:
+        """The rest of a call cut short, the generation being over."""
+        out: list[tuple[int, str | None, str]] = []
+        if self.calls and not self.calls[-1].done:
+            call = self.calls[-1]
+            self._emit(out, self._release(call, call.start + len(self.arguments(len(self.calls) - 1))))
+        return out
 
-    @property
-    def arguments(self) -> str:
-        """The arguments as written: the whole object, or as far as it got when the generation was cut."""
-        try:
-            _, end = json.JSONDecoder().raw_decode(self.text, self._start)
-        except ValueError:
-            return self.text[self._start:]
-        return self.text[self._start:end]
+    def arguments(self, index: int) -> str:
+        """A call's arguments as written: the whole object, or as far as it got when the generation was cut."""
+        call = self.calls[index]
+        end = _json_end(self.text, call.start)
+        return self.text[call.start:end] if end is not None else self.text[call.start:]
 
-    def _release(self, upto: int) -> str:
-        out = self.text[self._sent:upto] if upto > self._sent else ""
-        self._sent = max(self._sent, upto)
+    def _emit(self, out: list, released: str) -> None:
+        if released:
+            out.append((len(self.calls) - 1, None, released))
+
+    def _release(self, call: _Call, upto: int) -> str:
+        out = self.text[call.sent:upto] if upto > call.sent else ""
+        call.sent = max(call.sent, upto)
         return out
 
 
-def parse_tool_call(text: str, call_id: str | None = None) -> tuple[str | None, list[dict] | None]:
-    """(content, tool_calls) from a whole generation under tools_grammar. A call cut short (length) is
-    still a call, with the arguments as far as they got; a `no_tool` answer is content, and so is a
-    generation cut before the function's name was complete."""
+def parse_tool_calls(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(content, [(name, arguments), ...]) from a whole generation under tools_grammar. A call cut short
+    (length) is still a call, with the arguments as far as they got; a `no_tool` answer is content, and so
+    is a generation cut before the first function's name was complete."""
     reader = ToolCallReader()
     reader.add(text)
     if reader.calling:
-        return None, [{"id": call_id or new_call_id(), "type": "function",
-                       "function": {"name": reader.name, "arguments": reader.arguments}}]
+        return None, [(c.name, reader.arguments(i)) for i, c in enumerate(reader.calls)]
     try:
-        return json.loads(text)["arguments"].get("content", ""), None
+        return json.loads(text)["arguments"].get("content", ""), []
     except ValueError:
-        return text, None
+        return text, []

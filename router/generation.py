@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
-from starlette.responses import Response
 
 from . import deadline, tenants
 from .contract import FinishReason, ShardRequest, Token
-from .errors import ApiError, error_response
+from .errors import ApiError
 from .metrics import Metrics
 from .pool import ShardError, ShardPool
 from .sse import Deferred, StreamCut
@@ -278,13 +277,9 @@ async def guarded(events: AsyncIterator[dict | str], done: str | None = None) ->
 
 
 def in_app(compute) -> Deferred:
-    async def run() -> Response:
-        try:
-            return await compute()
-        except ApiError as exc:
-            return error_response(exc.status, exc.message, exc.error_type)
-
-    return Deferred(run)
+    """A non-streamed answer computed inside the response (cancelled if the client leaves); an ApiError it
+    raises reaches the app's handler (app.on_api_error), which answers in the route's dialect."""
+    return Deferred(compute)
 
 
 async def collect_all(router: Router, jobs: list[Job], hold_back: bool) -> list[Generation]:

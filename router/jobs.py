@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from . import constraints, deadline, schemas, tenants
 from .contract import Sampling, ShardRequest
-from .errors import ApiError
+from .errors import ApiError, listed
 from .state import Router
 
 TGI_DEFAULT_MAX_NEW_TOKENS = 100
@@ -40,11 +40,12 @@ class Job:
         return out
 
 
-def check_vocab(ids: Iterable[int], vocab: int, field: str, below_only: bool = False) -> None:
-    """Token ids a client sent (a prompt, logit_bias keys) must be in [0, vocab). logit_bias keys were
-    only ever checked against the top (`below_only`), kept as it was."""
-    if any((i < 0 and not below_only) or i >= vocab for i in ids):
-        raise ApiError(422, f"{field}: token ids must be in [0, {vocab})")
+def check_vocab(ids: Iterable[int], vocab: int, field: str) -> None:
+    """Token ids a client sent (a prompt, logit_bias keys) must be in [0, vocab); the refusal names each one
+    that is not."""
+    bad = list(dict.fromkeys(i for i in ids if not 0 <= i < vocab))
+    if bad:
+        raise ApiError(422, f"{field}: token ids must be in [0, {vocab}), got {listed(bad)}")
 
 
 def check_candidates(n: int, best_of: int, stream: bool, sampled: bool, max_best_of: int,
@@ -151,7 +152,7 @@ def openai_job(router: Router, body: schemas.ChatCompletionRequest | schemas.Com
     max_new = budget(router, len(ids), max_tokens, None)
     temperature = 1.0 if body.temperature is None else body.temperature
     bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
-    check_vocab(bias, router.vocab_size(), "logit_bias", below_only=True)
+    check_vocab(bias, router.vocab_size(), "logit_bias")
     return build_job(router, ids, prompt_text, max_new, body.stop_list(), temperature > 0, temperature, top_n,
                      grammar=grammar, prompt_logprobs=prompt_logprobs, ignore_eos=bool(body.ignore_eos),
                      priority=body.priority, deadline_s=body.deadline,
@@ -161,14 +162,27 @@ def openai_job(router: Router, body: schemas.ChatCompletionRequest | schemas.Com
                      presence_penalty=body.presence_penalty)
 
 
-def completion_prompt(router: Router, prompt: str | list) -> tuple[list[int], str]:
-    if isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
-        if len(prompt) > 1:
-            raise ApiError(422, "prompt: a list of several prompts is not supported, send one per request")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError(422, "prompt: must not be empty")
-        return router.encode(prompt), prompt
-    check_vocab(prompt, router.vocab_size(), "prompt")
-    return list(prompt), router.tokenizer.decode(prompt)
+# Generations one completions request may start (its prompts times best_of, or n): one batch's worth at
+# the shards' default --max-batch-size, so one request cannot queue an unbounded number behind it.
+MAX_GENERATIONS = 64
+
+
+def completion_prompts(router: Router, prompt: str | list, candidates: int) -> list[tuple[list[int], str]]:
+    """Each prompt of a completions request as (ids, text). `prompt` is a string, a list of token ids, or a
+    list of either (several prompts, as OpenAI and vLLM take them); each gets `candidates` generations."""
+    several = isinstance(prompt, list) and bool(prompt) and not all(isinstance(x, int) for x in prompt)
+    prompts = prompt if several else [prompt]
+    if len(prompts) * candidates > MAX_GENERATIONS:
+        raise ApiError(422, f"prompt: at most {MAX_GENERATIONS} generations per request (prompts x best_of or n), "
+                            f"got {len(prompts)} x {candidates}")
+    out = []
+    for i, one in enumerate(prompts):
+        field = f"prompt.{i}" if several else "prompt"
+        if isinstance(one, str):
+            if not one:
+                raise ApiError(422, f"{field}: must not be empty")
+            out.append((router.encode(one), one))
+        else:
+            check_vocab(one, router.vocab_size(), field)
+            out.append((list(one), router.tokenizer.decode(one)))
+    return out

@@ -14,6 +14,8 @@ from pydantic.json_schema import models_json_schema
 
 import sluice
 
+from .errors import is_openai_path
+
 REF = "#/components/schemas/{model}"
 
 
@@ -38,6 +40,9 @@ _FINISH = _nullable(_STR)
 
 ANSWERS: dict[str, dict] = {
     "Error": _obj(["error", "error_type"], error=_STR, error_type=_STR),
+    # The /v1 routes' error body (errors.py): OpenAI's, with TGI's error_type beside it.
+    "OpenAIError": _obj(["error", "error_type"], error_type=_STR, error=_obj(
+        ["message", "type", "param", "code"], message=_STR, type=_STR, param=_nullable(_STR), code=_nullable(_STR))),
     "GenerateResponse": _obj(["generated_text"], generated_text=_STR, details=_nullable({"type": "object"})),
     "GenerateResponses": {"type": "array", "items": _ref("GenerateResponse")},
     "ChatCompletion": _obj(
@@ -119,11 +124,14 @@ _MEDIA = {"json": ("application/json",), "sse": ("text/event-stream",),
           "both": ("application/json", "text/event-stream"), "html": ("text/html",), "text": ("text/plain",)}
 
 
-def _error(description: str) -> dict:
-    return {"description": description, "headers": _HEADERS, "content": {"application/json": {"schema": _ref("Error")}}}
-
-
 def _responses(e) -> dict:
+    # The error body and the validation status are the dialect's (errors.py): OpenAI's and 400 under /v1.
+    body, invalid = ("OpenAIError", "400") if is_openai_path(e.path) else ("Error", "422")
+
+    def _error(description: str) -> dict:
+        return {"description": description, "headers": _HEADERS,
+                "content": {"application/json": {"schema": _ref(body)}}}
+
     content = {}
     for media in _MEDIA[e.kind]:
         if media == "application/json":
@@ -138,15 +146,15 @@ def _responses(e) -> dict:
            "503": _error("shutting down (draining); on /health also: no shard answered (then with `shards`)")}
     if e.body is not None:
         out["413"] = _error("the body is larger than --max-body-bytes")
-        out["422"] = _error("the body is not valid JSON, or a field is out of range or unsupported")
+        out[invalid] = _error("the body is not valid JSON, or a field is out of range or unsupported")
     if "{" in e.path:
         out["404"] = _error("nothing by that id: unknown, expired, deleted, evicted, or another API key's")
         if e.path.startswith("/v1/responses/"):
-            out["422"] = _error("a query parameter is out of range, or the response is not a background one")
+            out[invalid] = _error("a query parameter is out of range, or the response is not a background one")
     if e.kind == "sse" and e.method == "GET" and e.path.startswith("/v1/streams/"):  # a resume (streams.py)
         out["204"] = {"description": "the stream is finished and was read to its end", "headers": _HEADERS}
         out["410"] = _error("the events after that point were dropped from the stream's buffer")
-        out["422"] = _error("a malformed Last-Event-ID or `after`")
+        out[invalid] = _error("a malformed Last-Event-ID or `after`")
     if e.generation:
         out["429"] = _error("overloaded: --max-concurrent-requests are in flight, or the tenant's own limits "
                               "are reached (retry after Retry-After), or the queue cannot meet the deadline")

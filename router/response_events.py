@@ -10,9 +10,10 @@
     then response.completed, or response.incomplete (cut by max_output_tokens),
     or, when the generation fails mid-way, an `error` event and response.failed.
 
-Plain text streams as it is generated, and so does a function call (its item once its name is complete,
-then its arguments as they are written: constraints.ToolCallReader). A text answer under tools
-(`no_tool`) is only known once its JSON is complete, so its item's events all come at the end.
+Plain text streams as it is generated, and so do function calls (each its own item, added once its name is
+complete, then its arguments as they are written: constraints.ToolCallReader; an item is done when the next
+one begins, the last at the end). A text answer under tools (`no_tool`) is only known once its JSON is
+complete, so its item's events all come at the end.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
     gen = Generation(prompt_tokens=draft.prompt_tokens)
     reader = constraints.ToolCallReader() if draft.tools else None
     pending: list[dict] = []  # logprobs of tokens whose text is not out yet (go with the next delta)
+    closed = 0  # function_call items done (their done events sent) while the stream ran
     if reader is None:
         for event in _message_opening(seq, 0, draft.message("", "in_progress")):
             yield event
@@ -64,6 +66,8 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
                     pending = []
                 continue
             for event in _call_progress(seq, draft, reader, piece.text, bool(piece.finish_reason)):
+                if event["type"] == "response.output_item.done":
+                    closed += 1
                 yield event
     except (ShardError, IncompleteGeneration) as exc:
         kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
@@ -74,6 +78,8 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
         return
     output = draft.output(gen)
     for index, item in enumerate(output):
+        if index < closed:
+            continue  # a call done before the next one began
         if reader is not None and not reader.calling:  # a text answer under tools: known only now
             for event in _message_opening(seq, index, {**item, "status": "in_progress", "content": []}):
                 yield event
@@ -89,17 +95,18 @@ async def stream_events(router: Router, job: Job, draft: Draft, keep: Callable[[
 
 def _call_progress(seq: Sequence, draft: Draft, reader: constraints.ToolCallReader, text: str,
                    last: bool) -> Iterator[dict]:
-    """A function call as it is written: its item once the name is complete, then its arguments."""
-    named = reader.calling
-    arguments = reader.add(text)
-    if last:
-        arguments += reader.finish()
-    if reader.calling and not named:
-        yield seq.event("response.output_item.added", output_index=0,
-                        item=draft.call(reader.name, "", "in_progress"))
-    if arguments:
-        yield seq.event("response.function_call_arguments.delta", item_id=draft.call_item_id, output_index=0,
-                        delta=arguments)
+    """Function calls as they are written: each item once its name is complete (the call before it, then
+    complete, done first), then its arguments."""
+    for k, name, arguments in reader.add(text) + (reader.finish() if last else []):
+        if name is None:
+            yield seq.event("response.function_call_arguments.delta", item_id=draft.call_item(k)[0],
+                            output_index=k, delta=arguments)
+            continue
+        if k > 0:
+            before = draft.call(k - 1, reader.calls[k - 1].name, reader.arguments(k - 1), "completed")
+            for event in _closing(seq, k - 1, before):
+                yield event
+        yield seq.event("response.output_item.added", output_index=k, item=draft.call(k, name, "", "in_progress"))
 
 
 def _text_delta(seq: Sequence, item_id: str, index: int, text: str, logprobs: list[dict]) -> dict:

@@ -104,7 +104,8 @@ def responses_structure(body: ResponsesRequest) -> constraints.Structure:
     named = choice["name"] if isinstance(choice, dict) else None
     fmt = body.text.format if body.text else None
     return constraints.structure(functions, "function" if named else choice, named,
-                                 partial(_format_grammar, fmt), bool(fmt and fmt.type != "text"), "text.format")
+                                 partial(_format_grammar, fmt), bool(fmt and fmt.type != "text"), "text.format",
+                                 body.parallel_tool_calls)
 
 
 def _format_grammar(fmt) -> str | None:
@@ -124,11 +125,11 @@ class Draft:
     body: ResponsesRequest
     model: str
     prompt_tokens: int
-    tools: bool  # the output is a tool call under constraints.tools_grammar
+    tools: bool  # the output is tool calls under constraints.tools_grammar
     id: str = field(default_factory=lambda: new_id("resp"))
     message_id: str = field(default_factory=lambda: new_id("msg"))
-    call_item_id: str = field(default_factory=lambda: new_id("fc"))  # a function_call item's, streamed or not
-    call_id: str = field(default_factory=constraints.new_call_id)
+    # Each function_call item's (item id, call_id), by its place in the output, streamed or not.
+    call_ids: list[tuple[str, str]] = field(default_factory=list)
     created_at: int = field(default_factory=lambda: int(time.time()))
 
     def object(self, status: str, output: list[dict], gen: Generation | None = None,
@@ -143,7 +144,7 @@ class Draft:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": self.model,
             "output": output,
-            "parallel_tool_calls": b.parallel_tool_calls is not False,
+            "parallel_tool_calls": b.parallel_tool_calls is True,  # what constraints.structure allowed
             "previous_response_id": b.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": b.store is not False,
@@ -163,12 +164,15 @@ class Draft:
                 "total_tokens": self.prompt_tokens + len(gen.tokens)}
 
     def output(self, gen: Generation) -> list[dict]:
-        """The finished output: one function_call item, or one message (text, or a `no_tool` answer)."""
+        """The finished output: function_call items (one per call), or one message (text, or a `no_tool`
+        answer)."""
         status = self.status(gen)
-        if self.tools:  # the tokens are the call's JSON, not the text: no logprobs for a text answer
-            content, calls = constraints.parse_tool_call(gen.text, self.call_id)
+        if self.tools:  # the tokens are the calls' JSON, not the text: no logprobs for a text answer
+            content, calls = constraints.parse_tool_calls(gen.text)
             if calls:
-                return [self.call(c["function"]["name"], c["function"]["arguments"], status) for c in calls]
+                # Every call but the last is complete; the last one is as the generation ended.
+                return [self.call(k, name, arguments, status if k == len(calls) - 1 else "completed")
+                        for k, (name, arguments) in enumerate(calls)]
             return [self.message(content or "", status)]
         return [self.message(gen.text, status, self.logprobs(gen.tokens, gen.top_tokens))]
 
@@ -178,8 +182,15 @@ class Draft:
             return []
         return token_logprobs(list(zip(tokens, tops or [None] * len(tokens))))
 
-    def call(self, name: str, arguments: str, status: str) -> dict:
-        return {"id": self.call_item_id, "type": "function_call", "status": status, "call_id": self.call_id,
+    def call_item(self, index: int) -> tuple[str, str]:
+        """The output's `index`-th function call's (item id, call_id): made on first use, kept after."""
+        while len(self.call_ids) <= index:
+            self.call_ids.append((new_id("fc"), constraints.new_call_id()))
+        return self.call_ids[index]
+
+    def call(self, index: int, name: str, arguments: str, status: str) -> dict:
+        item_id, call_id = self.call_item(index)
+        return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id,
                 "name": name, "arguments": arguments}
 
     def message(self, text: str, status: str, logprobs: list[dict] | None = None) -> dict:

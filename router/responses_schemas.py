@@ -102,7 +102,7 @@ class ResponsesRequest(OpenAISampling):
     text: TextConfig | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None  # permission, not a demand: one call per answer is within it
+    parallel_tool_calls: bool | None = None  # true: several calls per answer (see constraints.structure)
     max_tool_calls: Annotated[int | None, Field(ge=1)] = None  # at most one call is made per answer anyway
     store: bool | None = None
     previous_response_id: str | None = None

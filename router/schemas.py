@@ -9,9 +9,12 @@ length (input and total token budgets) are in app.py.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import listed
 
 Temperature = Annotated[float | None, Field(ge=0)]
 TopP = Annotated[float | None, Field(gt=0, le=1)]
@@ -201,9 +204,9 @@ class OpenAISampling(_Scheduled):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, bias):
-        for key in bias or {}:
-            if not key.isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+        bad = [key for key in bias or {} if not key.isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids, got {listed([shown(k) for k in bad])}")
         return bias
 
     def stop_list(self) -> list[str]:
@@ -219,6 +222,13 @@ class _OpenAISampling(OpenAISampling):
     stream_options: StreamOptions | None = None
     n: Annotated[int | None, Field(ge=1, le=16)] = None
 
+    @model_validator(mode="after")
+    def _options_need_a_stream(self):
+        # As OpenAI answers it: options for a stream that is not there are a mistake, not a no-op.
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
 
 class ChatCompletionRequest(_OpenAISampling):
     messages: Annotated[list[Message], Field(min_length=1)]
@@ -228,7 +238,7 @@ class ChatCompletionRequest(_OpenAISampling):
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: str | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # permission, not a demand: one call per choice is within it
+    parallel_tool_calls: bool | None = None  # true: several calls per choice (see constraints.structure)
 
     @field_validator("tool_choice")
     @classmethod
@@ -239,7 +249,7 @@ class ChatCompletionRequest(_OpenAISampling):
 
 
 class CompletionRequest(_OpenAISampling):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]  # one prompt, or several (jobs.completion_prompts)
     logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
     echo: bool | None = None
     best_of: Annotated[int | None, Field(ge=1)] = None
@@ -249,11 +259,20 @@ class CompletionRequest(_OpenAISampling):
 
 
 def describe(error: ValidationError) -> str:
-    """One readable line from pydantic's error list: `field.path: message; ...`."""
+    """One readable line from pydantic's error list: `field.path: message, got <value>; ...`, naming each
+    offending value the client sent (a plain one: an object or a list is named by its field)."""
     parts = []
     for e in error.errors():
         # Union types add the tried type to the path (e.g. "str"); drop those for the user.
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and "[" in p or p in ("str", "int")))
         msg = e["msg"].removeprefix("Value error, ")
+        if "got " not in msg and not isinstance(e.get("input"), (dict, list)) and e["type"] != "missing":
+            msg += f", got {shown(e.get('input'))}"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(dict.fromkeys(parts))
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as the client wrote it (JSON), cut at `limit` characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

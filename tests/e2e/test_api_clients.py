@@ -123,3 +123,30 @@ def test_same_seed_same_sample(server):
             for _ in range(2)]
     assert runs[0].generated_text == runs[1].generated_text
     assert runs[0].details.seed == 7
+
+
+def test_tgi_python_client_chat_and_errors(server):
+    """TGI's own Python client (text-generation 0.7) validates every chunk: every delta needs `role` and
+    `tool_calls`, and every `data:` line must be JSON (its User-Agents, requests' and aiohttp's, get no
+    `[DONE]`). Its errors come from `error_type`, in either dialect's body."""
+    import text_generation
+    from text_generation.types import Message
+
+    messages = [Message(role="user", content="Count to 10")]
+    client = text_generation.Client(server, timeout=120)
+    whole = client.chat(messages=messages, max_tokens=N, temperature=0)
+    chunks = list(client.chat(messages=messages, max_tokens=N, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices[0].delta.content) > 1
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+    async def streamed() -> list:
+        return [c async for c in await text_generation.AsyncClient(server, timeout=120).chat(
+            messages=messages, max_tokens=N, temperature=0, stream=True)]
+
+    assert [c.choices[0].delta.content for c in asyncio.run(streamed())] == [c.choices[0].delta.content for c in chunks]
+    with pytest.raises(text_generation.errors.ValidationError):
+        client.generate("word " * 1500, max_new_tokens=5)  # TGI's route: 422
+    with pytest.raises(text_generation.errors.ValidationError):
+        client.chat(messages=messages, max_tokens=100_000)  # /v1: OpenAI's 400, error_type beside it

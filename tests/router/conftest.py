@@ -37,3 +37,11 @@ def smol(router_loop, smol_shard):
     router = InProcessRouter(router_loop, smol_shard, max_concurrent_requests=16)
     yield router
     router.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_llama):
+    """The tiny model's tokenizer, for the scripted-pool tests (tests/scripted_pool.py)."""
+    from sluice.modelfiles import load_tokenizer, resolve
+
+    return load_tokenizer(resolve(str(tiny_llama)))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import httpx
 
+from api_errors import error_of
 from router.app import create_app
 from router.config import RouterSettings
 from router.deadline import Waiting
@@ -39,7 +40,9 @@ def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(tiny_llama):
         refused = await client.post("/v1/chat/completions", json={**CHAT, "stream": True},
                                     headers={"X-Tenant": "x", "X-Request-Deadline": "5"})
         assert refused.status_code == 429, refused.text
-        assert refused.json()["error_type"] == "overloaded" and "cannot meet" in refused.json()["error"]
+        error = error_of(refused)  # OpenAI's shape on /v1, error_type beside it
+        assert error["error_type"] == "overloaded" and error["type"] == "rate_limit_error"
+        assert "cannot meet" in error["message"]
         refused = await client.post("/generate", json={**BODIES["/generate"], "deadline": 5}, headers={"X-Tenant": "x"})
         assert refused.status_code == 429 and "deadline" in refused.json()["error"]
         assert pool.started == 0, "refused before the shard was asked"

@@ -124,8 +124,9 @@ def test_get_routes_and_the_server_after(tiny, api):
                 continue
             # /health may say 503 when the machine is too busy for the shard to answer its probe in time.
             assert r.status_code == 200 or (path == "/health" and r.status_code == 503), (path, r.text)
-    assert tiny.get("/nope").status_code == 404
-    assert tiny.request("DELETE", "/generate").status_code == 405
+    nope, delete = tiny.get("/nope"), tiny.request("DELETE", "/generate")
+    assert nope.status_code == 404 and nope.json()["error_type"] == "not_found"  # JSON, as every error
+    assert delete.status_code == 405 and delete.json()["error_type"] == "method_not_allowed"
     # Background responses the fuzz started may still be finishing.
     wait_for(lambda: tiny.metrics()["sluice_requests_in_flight"] == 0)
     counts = {k: v for k, v in tiny.metrics().items() if k.startswith("sluice_requests_total")}

@@ -82,7 +82,9 @@ ANSWERS = [  # (method, path, body, status): one of each answer the document des
     ("GET", "/info", None, 200),
     ("GET", "/openapi.json", None, 200),
     ("POST", "/generate", {"inputs": ""}, 422),
-    ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 422),
+    ("POST", "/v1/completions", {"prompt": [[42, 43], [44]], "max_tokens": 2, "n": 2}, 200),
+    ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 0}, 400),  # OpenAI's error shape on /v1
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "stream_options": {}}, 400),
 ]
 
 

@@ -8,6 +8,7 @@ import asyncio
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from api_errors import error_of
 from router.app import create_app
 from router.config import RouterSettings
 from test_app_inprocess import BODIES, FakePool
@@ -47,7 +48,8 @@ def test_a_tenant_over_its_concurrency_is_refused_and_others_are_not(tiny_llama,
         for path, body in BODIES.items():
             refused = await client.post(path, json=body, headers=auth("k-alice"))
             assert refused.status_code == 429, path
-            assert refused.json()["error_type"] == "overloaded" and "tenant alice" in refused.json()["error"]
+            error = error_of(refused)  # each route's dialect, error_type in both
+            assert error["error_type"] == "overloaded" and "tenant alice" in error["message"]
             assert refused.headers["retry-after"] == "1"
         page = (await client.get("/metrics")).text
         assert metric(page, "sluice_tenant_requests_in_flight", tenant="alice") == 1
@@ -70,7 +72,7 @@ def test_tokens_per_minute_refuses_until_the_window_frees_them(tiny_llama, tmp_p
         # The fake shard serves 3 prompt tokens and 1 generated: bob's 3 a minute are spent at once.
         assert (await client.post("/generate", json=BODIES["/generate"], headers=auth("k-bob"))).status_code == 200
         refused = await client.post("/v1/completions", json=BODIES["/v1/completions"], headers=auth("k-bob"))
-        assert refused.status_code == 429 and "tokens in the last minute" in refused.json()["error"]
+        assert refused.status_code == 429 and "tokens in the last minute" in error_of(refused)["message"]
         assert 1 <= int(refused.headers["retry-after"]) <= 60
         page = (await client.get("/metrics")).text
         assert metric(page, "sluice_tenant_tokens_total", tenant="bob", kind="prompt") == 3
