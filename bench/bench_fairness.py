@@ -1,6 +1,6 @@
 """Fairness under a flood: does one tenant's flood make the server useless for another?
 
-    python bench/bench_fairness.py [--flood 48] [--duration 60] [--every 3] [--tokens 64] [--server-flags "..."]
+    python bench/bench_fairness.py [--flood 48] [--duration 60] [--every 3] [--tokens 64] [--server-flags="..."]
 
 Starts its own `sluice serve` on 127.0.0.1 and runs three phases:
 
@@ -13,7 +13,7 @@ It prints B's time to first token (p50, p90) in each phase, B's p50 under the fl
 asks for at most 2x), and the total token throughput of the fair phase over the unfair one (at least 0.9).
 Requests are streamed `/v1/completions` with `ignore_eos`, so each generates exactly its token count.
 Tenants are sent as `X-Tenant` (no API key). Fair scheduling only matters when requests wait: with the
-default `--max-batch-size` of 64, a flood of 48 fits in the batch; pass `--server-flags "--max-batch-size 16"`
+default `--max-batch-size` of 64, a flood of 48 fits in the batch; pass `--server-flags="--max-batch-size 16"` (with `=`: argparse takes a value that starts with `--` only so)
 to see the queue.
 """
 from __future__ import annotations
