@@ -57,13 +57,14 @@ class Scheduler:
         run in the next step without admissions (the two alternate while prompts keep arriving). A new
         request's first token then waits for one short prefill step instead of a decode step of the
         whole batch with its prompt mixed in, and the decode steps stay decode-only, the shape the
-        compiled graph runs (a mixed step runs eagerly). Without running decodes, prompts fill the
-        budget as they come: the prompts already admitted (chunked) first, then new ones."""
+        compiled graph runs (a mixed step runs eagerly). That prompt step goes first to newcomers (see
+        `_newcomers`). Without running decodes, prompts fill the budget as they come: the prompts
+        already admitted (chunked) first, then new ones."""
         self.running.sort(key=self.fair.order)
         budget = self.max_batch_prefill_tokens
         decoding = any(s.num_tokens - s.num_computed == 1 for s in self.running)
         if decoding and self.waiting and not self._admitted_last:
-            out = self._admit(budget)
+            out = self._admit(budget, self._newcomers())
             if out:
                 self._admitted_last = True
                 return out
@@ -97,18 +98,32 @@ class Scheduler:
             budget -= n
         return out
 
-    def _admit(self, budget: int) -> list[tuple[Sequence, int]]:
-        """Waiting sequences admitted in fair order, while the budget, the batch and the blocks allow."""
+    def _newcomers(self) -> list[Sequence]:
+        """The waiting sequences a prompt step taken while others decode admits: those of tenants with
+        nothing running yet, if any (a first token is what such a tenant waits for, and a flooding
+        tenant's next prompt in the same step would make it wait longer), unless another tenant's
+        sequence is more urgent; else all. A tenant already streaming gets its prompt in the next one."""
+        busy = {s.tenant for s in self.running}
+        new = [s for s in self.waiting if s.tenant not in busy]
+        if new and min(s.priority for s in new) <= min(s.priority for s in self.waiting):
+            return new
+        return list(self.waiting)
+
+    def _admit(self, budget: int, candidates: list[Sequence] | None = None) -> list[tuple[Sequence, int]]:
+        """Waiting sequences (or those of `candidates`) admitted in fair order, while the budget, the
+        batch and the blocks allow."""
         out: list[tuple[Sequence, int]] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        candidates = list(self.waiting) if candidates is None else candidates
+        while candidates and budget > 0 and len(self.running) < self.max_batch_size:
             # One at a time: admitting charges the tenant's prompt, which may change who is next.
-            seq = min(self.waiting, key=self.fair.order)
+            seq = min(candidates, key=self.fair.order)
             cached = self.blocks.cached_prefix(seq)
             start = self.blocks.tokens_in(cached)
             n = min(seq.num_tokens - start, budget)
             if not self.blocks.can_admit(seq, cached, start + n):
                 break
             self.waiting.remove(seq)
+            candidates.remove(seq)
             self.blocks.admit(seq, cached, start + n)
             self.fair.admitted(seq)
             self.running.append(seq)

@@ -206,6 +206,37 @@ def test_new_prompts_get_a_step_of_their_own_while_others_decode():
     assert [s for s, _ in sched.schedule()] == [late]  # and so on, in turn
 
 
+def decoding_flood() -> Scheduler:
+    """A scheduler whose tenant A has four sequences decoding."""
+    sched = scheduler()
+    for _ in range(4):
+        sched.add(seq("A", max_new=50))
+    decode_steps(sched, sched.schedule())
+    return sched
+
+
+def test_the_prompt_step_goes_to_a_newcomer_before_a_streaming_tenant():
+    sched = decoding_flood()
+    more, lone = seq("A"), seq("B")
+    sched.add(more)  # A's next prompt arrived first, and A and B are level on the counter
+    sched.add(lone)
+    out = sched.schedule()
+    assert [s for s, _ in out] == [lone]  # B has nothing running: its prompt alone, not with A's
+    decode_steps(sched, out)
+    out = sched.schedule()
+    assert more not in [s for s, _ in out] and all(n == 1 for _, n in out)  # the decodes
+    decode_steps(sched, out)
+    assert [s for s, _ in sched.schedule()] == [more]  # then A's prompt, in the next prompt step
+
+
+def test_a_more_urgent_prompt_of_a_streaming_tenant_is_not_held_for_newcomers():
+    sched = decoding_flood()
+    urgent, lone = seq("A", priority=-1), seq("B")
+    sched.add(urgent)
+    sched.add(lone)
+    assert [s for s, _ in sched.schedule()] == [urgent, lone]  # priority first, both in one prompt step
+
+
 def test_without_decodes_prompts_share_the_budget_as_they_come():
     sched = scheduler(budget=12)
     long, short = seq("A", prompt_len=20), seq("B", prompt_len=6)
