@@ -157,8 +157,9 @@ def _open_gguf(path: Path) -> tuple[LlamaConfig, Getter]:
     if cached.is_file():
         return _open_converted(cached)
     # Written under a name of our own, then renamed: ranks or servers starting at once each see the
-    # whole file or none (the last rename wins, with the same bytes).
-    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    # whole file or none (the last rename wins, with the same bytes). Not the pid alone: replicas in
+    # containers sharing the cache on a volume (deploy/Dockerfile sets SLUICE_CACHE) have the same pids.
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(path, tmp)

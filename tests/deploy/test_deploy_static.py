@@ -1,6 +1,7 @@
 """The deployment files, checked without running them: Kubernetes schemas (kubernetes-validate --strict on
 what `kubectl kustomize` renders), the Compose spec, and agreement between compose, the manifests and
-the CLI on flags, env names, ports and probe paths. tests/test_deploy_stack.py runs the compose stack."""
+the CLI on flags, env names, ports and probe paths. tests/deploy/test_deploy_stack.py runs the compose
+stack."""
 from __future__ import annotations
 
 import re
@@ -44,9 +45,9 @@ def all_manifests() -> list[dict]:
 
 def env_names_read() -> set[str]:
     """Every environment variable our code reads: the settings tables (flag defaults), and the health
-    probe's and the tensor-parallel ranks' own reads."""
+    probe's, the tensor-parallel ranks' and the conversion cache's (SLUICE_CACHE) own reads."""
     names = env_names(RouterSettings, ShardSettings)
-    for f in ("sluice/cli.py", "sluice/health.py", "shard/launch.py"):
+    for f in ("sluice/cli.py", "sluice/health.py", "shard/launch.py", "sluice/modelfiles.py"):
         src = (ROOT / f).read_text()
         names |= set(re.findall(r'(?:environ\.get|_env_int)\(\s*"(\w+)"', src))
         names |= set(re.findall(r'environ\["(\w+)"\]', src))
