@@ -1,11 +1,10 @@
-"""Starts the compose stack (tests/deploy/stack.py) in the background as soon as the session has collected
-a test of test_deploy_stack.py, and moves those tests to the end of the session.
+"""The compose stack's tests (tests/deploy/stack.py) run at the end of the session, and whatever they
+started is torn down when the session ends, however it ends.
 
-Why: the stack takes ~140 s to come up (packages, dockerd, base image, image build, two replicas healthy),
-mostly waiting on downloads, unpacking and model loads, while the serial suite uses only about half of
-the CI machine's two cores (the e2e tiers mostly wait on their servers). Started at collection and waited
-for last, it builds while the other tiers run. A session that selects no stack test (`pytest tests/router`,
-`-k something_else`, `-m "not stack"`, `--collect-only`, `--setup-plan`) never touches Docker.
+The stack is built when its fixture first runs, not in the background from collection: that was tried
+(2026-12-06, 2-core host) and the whole suite took longer (892 and 911 s of pytest against 781 s serial): the
+build's CPU, even at nice 19, slowed the e2e tiers' OpenMP-bound servers more than it saved (one test went
+from 18 s to 89 s). `stack.begin()` still starts it in a thread, for a machine with cores to spare.
 """
 from __future__ import annotations
 
@@ -23,16 +22,9 @@ def is_stack_test(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The stack tests run last (pytest runs items in this order; tests/deploy sorts first), so the rest
-    of the suite runs while the stack builds, and the `stack` fixture rarely waits."""
+    """The stack tests run last (pytest runs items in this order; tests/deploy sorts first): the slowest
+    tests and the only ones that need Docker, so every other tier has reported before they start."""
     items[:] = [i for i in items if not is_stack_test(i)] + [i for i in items if is_stack_test(i)]
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # After deselection (-k, -m): session.items is what will run.
-    option = session.config.option
-    if not (option.collectonly or option.setupplan) and any(is_stack_test(i) for i in session.items):
-        stack.begin()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

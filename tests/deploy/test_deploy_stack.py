@@ -2,10 +2,8 @@
 deploy/Dockerfile, `docker-compose up` with two shard replicas, then the README's Python client against
 it from the host, a 429 past the limit, and everything torn down.
 
-The machinery is in tests/deploy/stack.py. It starts in the background as soon as pytest has collected
-these tests (tests/deploy/conftest.py), which run last: the stack builds while the rest of the suite runs
-on cores it leaves half idle, and the `stack` fixture waits for it. Nothing is skipped: if Docker cannot
-run here the test fails and says why.
+The machinery is in tests/deploy/stack.py; these tests run last in a session (tests/deploy/conftest.py).
+Nothing is skipped: if Docker cannot run here the test fails and says why.
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.timeout(1200)]
 
 @pytest.fixture(scope="module")
 def stack():
-    """The router's url once two replicas are healthy: the background start's, or one begun now."""
+    """The router's url once two replicas are healthy (a start begun elsewhere, or one begun now)."""
     start, waiting = begin(), time.monotonic()
     try:
         url = start.wait(1000)  # within the 1200 s timeout, with time left for the logs and the teardown
