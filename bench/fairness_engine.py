@@ -22,16 +22,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_fairness import B_PROMPT, FLOOD_PROMPT  # noqa: E402  (the same prompts as the server's run)
 from shard.engine import Engine, EngineConfig  # noqa: E402
 from shard.models.loader import load_model  # noqa: E402
 from shard.sampler import SamplingParams  # noqa: E402
 from shard.sequence import Sequence  # noqa: E402
 from sluice.modelfiles import load_tokenizer, resolve  # noqa: E402
 
-FLOOD_PROMPT = ("<|im_start|>user\nWrite a long, detailed essay about the history of rivers, canals and locks"
-                " in Europe.<|im_end|>\n<|im_start|>assistant\n")
-B_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 _ids = itertools.count()
 
 

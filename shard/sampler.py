@@ -112,11 +112,13 @@ def choose(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) 
         k = min(vocab, max(int(asked.max()) if len(asked) else 0, CANDIDATES))
         vals, order = logits[filtered].topk(k, dim=-1)
         row_k, row_p = top_k[filtered].unsqueeze(1), top_p[filtered].unsqueeze(1)
-        # top_k renormalizes within its k tokens; without it, the probabilities are the whole vocabulary's.
-        within_k = torch.softmax(vals.masked_fill(torch.arange(k) >= row_k, float("-inf")), dim=-1)
-        whole = torch.softmax(logits[filtered], dim=-1).gather(1, order)
-        probs = torch.where(row_k < vocab, within_k, whole)
-        short = (row_k == vocab).squeeze(1) & (probs.sum(-1) < row_p.squeeze(1))  # top_p reaches past the k
+        # top_k renormalizes within its k tokens; without it, the probabilities are the whole vocabulary's
+        # (a softmax over the whole row, for those rows only).
+        probs = torch.softmax(vals.masked_fill(torch.arange(k) >= row_k, float("-inf")), dim=-1)
+        no_k = (row_k == vocab).squeeze(1)
+        if no_k.any():
+            probs[no_k] = torch.softmax(logits[filtered[no_k]], dim=-1).gather(1, order[no_k])
+        short = no_k & (probs.sum(-1) < row_p.squeeze(1))  # top_p reaches past the k
         if short.any():
             probs, order = F.pad(probs, (0, vocab - k)), F.pad(order, (0, vocab - k))  # zeros: never drawn
             vals_s, order_s = logits[filtered[short]].sort(dim=-1, descending=True)
