@@ -24,7 +24,9 @@ class Scheduler:
         self.preemptions = 0
         self.fair = Fairness()
         self._arrivals = itertools.count()
-        self._admitted_last = False  # the last step was new prompts only (see schedule)
+        # Whom the last step admitted, if it was a prompt-only step taken while others decode (see
+        # schedule): "newcomers", "others", or None (it was not such a step).
+        self._prompt_step_last: str | None = None
 
     def add(self, seq: Sequence) -> None:
         seq.arrival = next(self._arrivals)
@@ -58,17 +60,22 @@ class Scheduler:
         request's first token then waits for one short prefill step instead of a decode step of the
         whole batch with its prompt mixed in, and the decode steps stay decode-only, the shape the
         compiled graph runs (a mixed step runs eagerly). That prompt step goes first to newcomers (see
-        `_newcomers`). Without running decodes, prompts fill the budget as they come: the prompts
-        already admitted (chunked) first, then new ones."""
+        `_newcomers`), and a newcomer that arrives during a prompt step of streaming tenants gets one
+        more right after it instead of waiting a whole decode step too: at most two prompt steps run
+        between decode steps. Without running decodes, prompts fill the budget as they come: the
+        prompts already admitted (chunked) first, then new ones."""
         self.running.sort(key=self.fair.order)
         budget = self.max_batch_prefill_tokens
         decoding = any(s.num_tokens - s.num_computed == 1 for s in self.running)
-        if decoding and self.waiting and not self._admitted_last:
-            out = self._admit(budget, self._newcomers())
-            if out:
-                self._admitted_last = True
-                return out
-        self._admitted_last = False
+        if decoding and self.waiting and self._prompt_step_last != "newcomers":
+            newcomers = self._newcomers()
+            if newcomers or self._prompt_step_last is None:
+                whom = "newcomers" if newcomers else "others"
+                out = self._admit(budget, newcomers or list(self.waiting))
+                if out:
+                    self._prompt_step_last = whom
+                    return out
+        self._prompt_step_last = None
         out = self._continue_running(budget)
         if not decoding:
             out += self._admit(budget - sum(n for _, n in out))
@@ -99,15 +106,15 @@ class Scheduler:
         return out
 
     def _newcomers(self) -> list[Sequence]:
-        """The waiting sequences a prompt step taken while others decode admits: those of tenants with
-        nothing running yet, if any (a first token is what such a tenant waits for, and a flooding
-        tenant's next prompt in the same step would make it wait longer), unless another tenant's
-        sequence is more urgent; else all. A tenant already streaming gets its prompt in the next one."""
+        """The waiting sequences of tenants with nothing running yet, which a prompt step taken while
+        others decode admits alone (a first token is what such a tenant waits for, and a flooding
+        tenant's next prompt in the same step would make it wait longer); none when another tenant's
+        sequence is more urgent. A tenant already streaming gets its prompt in the next prompt step."""
         busy = {s.tenant for s in self.running}
         new = [s for s in self.waiting if s.tenant not in busy]
         if new and min(s.priority for s in new) <= min(s.priority for s in self.waiting):
             return new
-        return list(self.waiting)
+        return []
 
     def _admit(self, budget: int, candidates: list[Sequence] | None = None) -> list[tuple[Sequence, int]]:
         """Waiting sequences (or those of `candidates`) admitted in fair order, while the budget, the

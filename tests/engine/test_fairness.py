@@ -229,6 +229,23 @@ def test_the_prompt_step_goes_to_a_newcomer_before_a_streaming_tenant():
     assert [s for s, _ in sched.schedule()] == [more]  # then A's prompt, in the next prompt step
 
 
+def test_a_newcomer_arriving_during_a_streaming_tenants_prompt_step_does_not_wait_for_the_decodes():
+    sched = decoding_flood()
+    more = seq("A")
+    sched.add(more)
+    out = sched.schedule()
+    assert [s for s, _ in out] == [more]  # A's next prompt: a prompt step of a streaming tenant
+    decode_steps(sched, out)
+    lone = seq("B")
+    sched.add(lone)  # arrived while that step ran
+    out = sched.schedule()
+    assert [s for s, _ in out] == [lone]  # one more prompt step, for the newcomer, before the decodes
+    decode_steps(sched, out)
+    sched.add(seq("C"))  # another newcomer: two prompt steps in a row are the most, the decodes go now
+    out = sched.schedule()
+    assert len(out) == 6 and all(n == 1 for _, n in out)
+
+
 def test_a_more_urgent_prompt_of_a_streaming_tenant_is_not_held_for_newcomers():
     sched = decoding_flood()
     urgent, lone = seq("A", priority=-1), seq("B")
