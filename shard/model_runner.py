@@ -24,7 +24,9 @@ log = logging.getLogger("sluice.engine")
 
 # Compiled decode steps pad the context to a multiple of this: the context length is a dynamic
 # dimension of the graph, and padding keeps it clear of the sizes 0 and 1 that torch specializes.
-L_ALIGN = 64
+# Every padded key is read in every layer: at batch 48, 16 instead of 64 made steps 5-10% shorter at
+# contexts of 30-90 tokens (bench/RESULTS.md, session 19).
+L_ALIGN = 16
 
 
 @dataclass
