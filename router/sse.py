@@ -40,8 +40,17 @@ KEEPALIVE = b": keep-alive\n"
 _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
+# Characters JSON leaves raw that Python's str.splitlines() breaks lines at: clients that read SSE with it
+# (httpx's iter_lines, so huggingface_hub's) would cut a `data:` line inside a token's text. Escaped, they
+# decode to the same string.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse_event(payload: dict | str, name: str | None = None, event_id: str | None = None) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    if isinstance(payload, str):
+        data = payload
+    else:
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
     head = (f"id: {event_id}\n" if event_id else "") + (f"event: {name}\n" if name else "")
     return f"{head}data: {data}\n\n".encode()
 
