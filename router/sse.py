@@ -42,15 +42,22 @@ _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 # Characters JSON leaves raw that Python's str.splitlines() breaks lines at: clients that read SSE with it
 # (httpx's iter_lines, so huggingface_hub's) would cut a `data:` line inside a token's text. Escaped, they
-# decode to the same string.
+# decode to the same string. Looked for before translating: every event passes here, and the lookups cost
+# ~0.1 us where the translate costs ~6 us (more than the json.dumps).
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _escape_line_breaks(data: str) -> str:
+    if "\x85" in data or "\u2028" in data or "\u2029" in data:
+        return data.translate(_LINE_BREAKS)
+    return data
 
 
 def sse_event(payload: dict | str, name: str | None = None, event_id: str | None = None) -> bytes:
     if isinstance(payload, str):
         data = payload
     else:
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+        data = _escape_line_breaks(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
     head = (f"id: {event_id}\n" if event_id else "") + (f"event: {name}\n" if name else "")
     return f"{head}data: {data}\n\n".encode()
 
