@@ -22,6 +22,7 @@ from starlette.routing import Route
 from . import schemas
 from .admission import Admission, Load
 from .config import RouterSettings
+from .body import DiscardRestOfBody
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openai import chat_completions, completions
@@ -97,10 +98,11 @@ async def _by_method(handlers: dict[str, Callable], request: Request) -> Respons
     return await handlers["GET" if request.method == "HEAD" else request.method](request)
 
 
-async def on_api_error(request: Request, exc: ApiError) -> Response:
-    # After a 413 the rest of the body is unread: close rather than read it to reach the next request.
-    return error_response(request.scope["path"], exc.status, exc.message, exc.error_type,
-                          {"Connection": "close"} if exc.status == 413 else None)
+async def on_api_error(request: Request, exc: ApiError) -> Response | DiscardRestOfBody:
+    # After a 413 the rest of the body is unread: close rather than read it all to reach the next request.
+    response = error_response(request.scope["path"], exc.status, exc.message, exc.error_type,
+                              {"Connection": "close"} if exc.status == 413 else None)
+    return DiscardRestOfBody(response) if exc.unread_body else response
 
 
 async def on_http_error(request: Request, exc: HTTPException) -> Response:

@@ -3,23 +3,29 @@ parse (422), all before any generation starts."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from . import schemas
 from .errors import ApiError
 
 log = logging.getLogger("sluice.router")
 
-# A declared body at most this much over the limit is read and dropped before the 413, so that the client,
-# still sending it, reads the answer: closing on unread bytes resets the connection, and most clients then
-# report a broken connection instead of the 413. Larger ones are refused unread (nginx's lingering close,
-# bounded the same way).
+# A refusal sent before the request body ended (413) is followed by reading and dropping the rest of the body,
+# at most this much for at most this long, before the connection closes: closing a socket with unread bytes
+# makes the kernel reset the connection, and a client still sending then gets the reset, often before it has
+# read the 413 (RFC 9112 9.6, nginx's lingering close, bounded the same way). A body declared larger than the
+# limit by more than this is refused without it.
 DISCARD_MAX_BYTES = 1 << 20
+DISCARD_MAX_S = 1.0
 
 # x-sluice-ignored-fields stays well inside what HTTP clients accept in a header (h11, which httpx uses,
 # gives up on a response head over 16 KiB; proxies often allow 4-8 KiB).
@@ -28,20 +34,55 @@ IGNORED_HEADER_MAX = 1024
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused with 413 as soon as it is known to be over `limit`: from Content-Length before
-    keeping a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that."""
+    keeping a byte, else (chunked uploads) once the bytes read so far pass it. Never holds more than that.
+    The 413 goes out at once; the rest of the body is dropped afterwards (`DiscardRestOfBody`)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        if int(declared) <= limit + DISCARD_MAX_BYTES:
-            async for _ in request.stream():
-                pass
-        raise ApiError(413, f"request body larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+        raise ApiError(413, f"request body larger than {limit} bytes",
+                       unread_body=int(declared) <= limit + DISCARD_MAX_BYTES)
+    chunks, size, more = [], 0, True
+    while more:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
+            raise ApiError(413, f"request body larger than {limit} bytes", unread_body=more)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class DiscardRestOfBody:
+    """A response sent whole while the request body is still arriving, whose end (and so the connection's
+    close) waits until the rest of the body has been read and dropped: up to DISCARD_MAX_BYTES or
+    DISCARD_MAX_S, or the client hanging up. The client has the whole answer (its Content-Length) at once."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_holding_the_end(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send({**message, "more_body": True})
+                await discard(receive)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.response(scope, receive, send_holding_the_end)
+
+
+async def discard(receive: Receive) -> None:
+    """Read and drop request body messages until the body ends, the client leaves, or the bounds."""
+    deadline, dropped = time.monotonic() + DISCARD_MAX_S, 0
+    while dropped <= DISCARD_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        dropped += len(message.get("body", b""))
 
 
 def _no_constant(name: str):

@@ -30,11 +30,12 @@ _OPENAI_TYPES = {"validation": "invalid_request_error", "not_found": "invalid_re
 class ApiError(Exception):
     """Raised by a handler before any byte is sent; rendered by `error_response` for the route's dialect."""
 
-    def __init__(self, status: int, message: str, error_type: str = "validation") -> None:
+    def __init__(self, status: int, message: str, error_type: str = "validation", unread_body: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
+        self.unread_body = unread_body  # raised before the request body ended: drop the rest after answering
 
 
 def is_openai_path(path: str) -> bool:

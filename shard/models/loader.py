@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -156,14 +157,23 @@ def _open_gguf(path: Path) -> tuple[LlamaConfig, Getter]:
     cached = key.with_name(f"{key.name}.v{_GGUF_CACHE_VERSION}.safetensors")
     if cached.is_file():
         return _open_converted(cached)
-    # Written under a name of our own, then renamed: ranks or servers starting at once each see the
-    # whole file or none (the last rename wins, with the same bytes). Not the pid alone: replicas in
-    # containers sharing the cache on a volume (deploy/Dockerfile sets SLUICE_CACHE) have the same pids.
+    # Written under a name of our own, then renamed: a reader sees the whole file or none. Not the pid
+    # alone: replicas in containers sharing the cache on a volume (deploy/Dockerfile sets SLUICE_CACHE)
+    # have the same pids.
     tmp = cached.with_name(f"{cached.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        _convert_gguf(path, tmp)
-        os.replace(tmp, cached)
+        # One converts, the others wait for its file: ranks, servers or replicas starting at once on
+        # one cache would each spend the conversion's CPU, side by side on the same cores. The lock is
+        # the cache folder's (no lock file left behind); the kernel releases it if its holder dies.
+        folder = os.open(cached.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            if not cached.is_file():
+                _convert_gguf(path, tmp)
+                os.replace(tmp, cached)
+        finally:
+            os.close(folder)
         return _open_converted(cached)
     except OSError as exc:  # a read-only or full cache: serve anyway, from a file dropped once open
         log.warning("could not cache the converted GGUF at %s (%s): converting it again next start", cached, exc)

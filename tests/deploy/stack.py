@@ -177,8 +177,11 @@ class StackStart:
             docker = Dockerd()
             # The compose project is named for this process; the router's host port is picked just
             # before `up`, so that no test running meanwhile can be given it first.
+            # COMPILE=false: the replicas serve eagerly. Their two background compiles on 2 cores made this
+            # test's first 16-token chat completion take 20-29 s, and nothing here checks compiling
+            # (tests/engine/test_compile.py does).
             env = dict(docker.env, COMPOSE_PROJECT_NAME=f"sluicetest{os.getpid()}", SLUICE_IMAGE=IMAGE,
-                       BASE_IMAGE=BASE_IMAGE, PIP_OPTIONS="", MAX_CONCURRENT_REQUESTS=str(LIMIT))
+                       BASE_IMAGE=BASE_IMAGE, PIP_OPTIONS="", MAX_CONCURRENT_REQUESTS=str(LIMIT), COMPILE="false")
             with self._lock:
                 if self._stopping:
                     docker.stop()

@@ -2,6 +2,7 @@
 Request ids come back in a header and reach both services' logs. (The other hostile bodies are in-process:
 tests/router/test_bad_input.py.)"""
 import socket
+import threading
 
 import httpx
 import pytest
@@ -43,6 +44,35 @@ def test_chunked_oversize_body_is_refused_without_its_end(strict):
     parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (LIMIT // len(chunk) + 1)
     answer = raw_exchange(strict.url, head, parts)  # the final 0-length chunk is never sent
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
+def test_a_client_still_sending_after_the_413_reads_it_whole(strict):
+    """The 413 goes out while the chunked body is still arriving; the server then reads and drops the rest
+    before closing. Closing on unread bytes makes the kernel reset the connection, which reaches a client
+    still sending before (or instead of) the answer: ConnectionResetError here."""
+    head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunk = b"x" * 16384
+    part = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    host, port = strict.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(head)
+
+        def keep_sending() -> None:  # the limit and half a megabyte more, then the body's end
+            try:
+                for _ in range((LIMIT + (512 << 10)) // len(chunk)):
+                    s.sendall(part)
+                s.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the reset this test is about: the assertions below say so
+
+        sender = threading.Thread(target=keep_sending)
+        sender.start()
+        out = b""
+        while chunk_in := s.recv(65536):
+            out += chunk_in
+        sender.join(timeout=60)
+    assert out.startswith(b"HTTP/1.1 413"), out[:200]
+    assert out.endswith(b'"error_type":"validation"}'), out[-200:]
 
 
 def test_server_is_fine_afterwards_and_request_ids_travel(strict):

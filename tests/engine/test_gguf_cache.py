@@ -3,8 +3,10 @@ Llama written as llama.cpp's converter writes a GGUF loads to exactly its checkp
 GGUF was just converted, its conversion comes from the cache, or the cache cannot be written."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,30 @@ def test_a_cache_that_cannot_be_written_is_no_error(tiny_gguf, tiny_llama, tmp_p
     reference = load_model(ModelSource("tiny", tiny_llama), torch.float32)
     assert same_weights(load_model(ModelSource("tiny", tiny_gguf), torch.float32), reference)
     assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_loads_starting_together_convert_once(tiny_gguf, tiny_llama, tmp_path, monkeypatch):
+    """A load that finds no converted file while another process converts waits for that one's file instead
+    of converting too: here the test holds the cache folder's lock, converts, and only then lets go."""
+    from shard.models import loader
+
+    monkeypatch.setenv("SLUICE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "models"
+    folder.mkdir(parents=True)
+    at_the_lock, real_flock, conversions = threading.Event(), fcntl.flock, []
+    monkeypatch.setattr(loader.fcntl, "flock", lambda fd, op: (at_the_lock.set(), real_flock(fd, op)))
+    held = os.open(folder, os.O_RDONLY)
+    real_flock(held, fcntl.LOCK_EX)
+    loaded: list = []
+    waiter = threading.Thread(target=lambda: loaded.append(load_model(ModelSource("tiny", tiny_gguf), torch.float32)))
+    waiter.start()
+    try:
+        assert at_the_lock.wait(60)  # it found no file and now waits for the lock
+        key = loader.cache_path("models", tiny_gguf)
+        loader._convert_gguf(tiny_gguf, key.with_name(f"{key.name}.v{loader._GGUF_CACHE_VERSION}.safetensors"))
+        monkeypatch.setattr(loader, "_convert_gguf", lambda *a: conversions.append(a))
+    finally:
+        os.close(held)  # releases the lock
+        waiter.join(60)
+    assert loaded and not conversions
+    assert same_weights(loaded[0], load_model(ModelSource("tiny", tiny_llama), torch.float32))
