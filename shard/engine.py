@@ -209,7 +209,7 @@ class Engine:
         sends their first tokens; then the step in progress goes on with its remaining layers. At
         most once per step: each interjection delays the step's own tokens by a prompt step, and
         newcomers arriving one after another must not hold a decode step back indefinitely."""
-        if self._interjected or not self._inbox:  # every few milliseconds: the cheap checks first
+        if self._interjected or not self._inbox:  # between every two layers of an eager step: cheap checks first
             return
         self._take_inbox()
         for seq in [s for s in self.scheduler.waiting if s.cancelled]:

@@ -122,9 +122,9 @@ class ModelRunner:
         self._eager = layer_groups(model, 1)
 
     def warm_up(self, background: bool = False) -> None:
-        """Compile both decode graphs of every layer group (tens of seconds each on a small CPU) by
-        running them once on dummy rows, then use them: compiled lazily, the first request of each kind would stall every
-        stream in its batch that long. The dummy rows write their K/V into block 0, which the block
+        """Compile both decode graphs of every layer group (minutes in all on a small CPU)
+        by running them once on dummy rows, then use them: compiled lazily, the first request of each
+        kind would stall every stream in its batch that long. The dummy rows write their K/V into block 0, which the block
         manager never hands out, so this may run in a thread of its own while the engine serves."""
         if self._compiler is None:
             return
@@ -163,14 +163,11 @@ class ModelRunner:
         log.info("compiled the decode graphs in %.1fs: decode steps use them from now on", time.monotonic() - t0)
 
     @staticmethod
-    def _mark_dynamic(batch: AttentionBatch, *hidden: torch.Tensor) -> None:
-        """Mark the dynamic dimensions of a compiled step's inputs: the batch's tensors, or the
-        hidden states and rotary tables a layer group gets (a graph's output carries no marks)."""
-        if not hidden:
-            torch._dynamo.mark_dynamic(batch.kv_slots, 1)
-            torch._dynamo.mark_dynamic(batch.mask, 2)
+    def _mark_dynamic(batch: AttentionBatch) -> None:
+        torch._dynamo.mark_dynamic(batch.kv_slots, 1)
+        torch._dynamo.mark_dynamic(batch.mask, 2)
         if batch.slot_mapping.shape[0] > 1:  # batch 1 keeps a graph of its own (torch specializes size 1 anyway)
-            for t in hidden or (batch.slot_mapping, batch.kv_slots, batch.mask):
+            for t in (batch.slot_mapping, batch.kv_slots, batch.mask):
                 torch._dynamo.mark_dynamic(t, 0)
 
     # --- rank 0 ---------------------------------------------------------------------------
@@ -224,8 +221,9 @@ class ModelRunner:
         for i, group in enumerate(self._eager if compiled is None else compiled):
             if i and between_layers is not None:
                 between_layers()
-            if compiled is not None:
-                self._mark_dynamic(batch, x, cos, sin)
+            if compiled is not None and ids.shape[0] > 1:  # as _mark_dynamic: a graph's output has no marks
+                for t in (x, cos, sin):
+                    torch._dynamo.mark_dynamic(t, 0)
             x = group(x, cos, sin, batch, self.kv_caches)
         return x
 
