@@ -163,3 +163,15 @@ def test_no_interjection_under_tensor_parallelism(model, monkeypatch):
     monkeypatch.setattr(model, "tp", TPGroup(rank=0, size=2))
     engine.step()
     assert hooks == [None]  # the other ranks would wait for rank 0 in the interjected step's collectives
+
+
+def test_a_newcomer_cancelled_before_it_is_let_in_is_dropped(model):
+    rec = Recorder()
+    engine = flood(model, rec)
+    newcomer = rec.seq("B", NEWCOMER)
+    newcomer.cancelled = True  # Engine.cancel, before the step's pause
+    arrive_during_next_step(engine, newcomer)
+    before = len(rec.events)
+    engine.step()
+    assert [n for n, _ in rec.events[before:]] == ["A0", "A1", "A2"]
+    assert newcomer not in engine.scheduler.waiting and "B" not in engine.scheduler.fair.active
