@@ -4,7 +4,10 @@ One thread owns the model. Each step it (1) drops cancelled sequences and frees 
 (2) schedules every running sequence plus as many waiting ones as the token budget, batch size
 and free KV blocks allow (prompts may be split into chunks across steps), (3) runs one forward
 for all scheduled tokens, (4) samples one token for each sequence whose prompt is complete, and
-hands it to that request's callback. Requests join and leave the batch between steps.
+hands it to that request's callback. Requests join and leave the batch between steps, with one
+exception: a request whose tenant has nothing running, arriving during a step, may run its prompt in
+a step of its own between two of that step's layers (`_between_layers`, Scheduler.interject), so that
+its first token waits for part of the step in progress instead of all of it.
 
 The parts: Sequence (shard/sequence.py), BlockManager (shard/block_manager.py), Scheduler
 (shard/scheduler.py), ModelRunner (shard/model_runner.py: tensors, forward, tensor parallelism).
@@ -74,6 +77,7 @@ class Engine:
         self.on_fatal: Callable[[str], None] | None = None
         self.drain_deadline: float | None = None
         self.compile_thread: threading.Thread | None = None  # compiling in the background, if so
+        self._interjected = False  # whether the step in progress has let newcomers in (_between_layers)
 
     def warm_up(self) -> None:
         """Compile the decode graphs (see ModelRunner.warm_up): now, before the first request, or in a
@@ -154,8 +158,7 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop:
-            while self._inbox:
-                self.scheduler.add(self._inbox.popleft())
+            self._take_inbox()
             for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled]:
                 self.scheduler.remove(seq)
             idle = not self.scheduler.running and not self.scheduler.waiting
@@ -185,15 +188,43 @@ class Engine:
                     self.scheduler.remove(seq)
                     seq.on_event("error", f"{type(exc).__name__}: {exc}")
 
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+
     @torch.inference_mode()  # the logits are inference tensors: masks and penalties edit them in place
     def step(self) -> None:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             time.sleep(0.001)  # nothing fits yet (KV full of waiting prompts): let cancels land
             return
+        self._interjected = False
+        # Under tensor parallelism the other ranks run each step in lockstep with this one: a step of
+        # rank 0's own between two layers would leave them waiting in a collective, so none runs.
+        self._run(scheduled, self._between_layers if self.model.tp.size == 1 else None)
+
+    def _between_layers(self) -> None:
+        """Between two layer groups of a step: if requests arrived, and the scheduler admits some as
+        urgent newcomers (Scheduler.interject), run their prompts now in a step of their own, which
+        sends their first tokens; then the step in progress goes on with its remaining layers. At
+        most once per step: each interjection delays the step's own tokens by a prompt step, and
+        newcomers arriving one after another must not hold a decode step back indefinitely."""
+        if self._interjected or not self._inbox:  # between every two layers of an eager step: cheap checks first
+            return
+        self._take_inbox()
+        for seq in [s for s in self.scheduler.waiting if s.cancelled]:
+            self.scheduler.remove(seq)  # waiting ones only: the running ones' blocks are being written
+        scheduled = self.scheduler.interject()
+        if scheduled:
+            self._interjected = True
+            self._run(scheduled)
+
+    def _run(self, scheduled: list[tuple[Sequence, int]], between_layers: Callable[[], None] | None = None) -> None:
+        """One step: the forward, then sampling, and the bookkeeping. The time observed for a step
+        includes that of a step interjected into it: its own sequences did wait for it."""
         started = time.perf_counter()
         prefill_tokens = sum(n for seq, n in scheduled if seq.num_computed + n < seq.num_tokens or n > 1)
-        samplers, logits = self.runner.step(scheduled)
+        samplers, logits = self.runner.step(scheduled, between_layers)
         results = self._sample(samplers, logits) if samplers else []
         self.scheduler.advance(scheduled)
         for seq, res in zip(samplers, results):

@@ -28,6 +28,16 @@ log = logging.getLogger("sluice.engine")
 # contexts of 30-90 tokens (bench/RESULTS.md, session 19).
 L_ALIGN = 16
 
+# Compiled decode steps run their layers in groups of this many, one graph per group, so that the
+# engine can let an urgent newcomer's prompt in between two groups (Engine._between_layers): SmolLM2's
+# 30 layers make 3 groups, and a newcomer waits for at most a third of a decode step (~95 ms at batch
+# 49) instead of all of it. Smaller groups would cut that wait further, for more graphs to compile and
+# more boundaries per step, where the hidden states leave one graph and enter the next unfused.
+LAYERS_PER_COMPILED_GROUP = 10
+
+# A stage of a step: runs some consecutive layers, (x, cos, sin, batch, kv_caches) -> x.
+LayerGroup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, list], torch.Tensor]
+
 
 @dataclass
 class StepInputs:
@@ -60,11 +70,24 @@ def allocate_kv_caches(model: LlamaModel, num_slots: int) -> list[tuple[torch.Te
              torch.empty(shape, dtype=model.dtype, device=device).zero_()) for _ in range(cfg.num_layers)]
 
 
-def compile_decode(model: LlamaModel) -> Callable:
-    """torch.compile of the model for decode-only steps. Eager, each step pays a fixed ~8-15 ms
-    of Python and ATen dispatch over ~700 small ops; the compiled graph fuses them. Two graphs:
-    batch 1, and every batch of 2 or more (a dynamic dimension, measured as fast as one graph per
-    padded batch size, and compiled once instead of seven times). See ModelRunner.warm_up."""
+def layer_groups(model: LlamaModel, per_group: int) -> list[LayerGroup]:
+    """The model's layers as consecutive groups of `per_group` (the last may be shorter)."""
+    n = len(model.layers)
+
+    def group(start: int, end: int) -> LayerGroup:
+        def run(x, cos, sin, batch, kv_caches):
+            return model.run_layers(x, cos, sin, batch, kv_caches, start, end)
+        return run
+
+    return [group(start, min(start + per_group, n)) for start in range(0, n, per_group)]
+
+
+def compile_decode(model: LlamaModel) -> list[LayerGroup]:
+    """torch.compile of the model's layer groups (LAYERS_PER_COMPILED_GROUP) for decode-only steps.
+    Eager, each step pays a fixed ~8-15 ms of Python and ATen dispatch over ~700 small ops; the
+    compiled graphs fuse them. Two graphs per group: batch 1, and every batch of 2 or more (a dynamic
+    dimension, measured as fast as one graph per padded batch size, and compiled once instead of
+    seven times). The embeddings and rotary tables stay eager (a few small ops). See ModelRunner.warm_up."""
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)
@@ -77,7 +100,11 @@ def compile_decode(model: LlamaModel) -> Callable:
     # The C++ wrapper calls the kernels without Python in between: ~10% per decode step at batch 1
     # and 16 (bench/bench_levers.py), for ~25% more compile time, which the background compile hides.
     torch._inductor.config.cpp_wrapper = True
-    return torch.compile(model.hidden_states, dynamic=False)
+    groups = layer_groups(model, LAYERS_PER_COMPILED_GROUP)
+    # The groups share one function's code, and dynamo's limit on graphs per code (8) would send a
+    # deep model's later groups back to eager: room for both graphs of every group.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(groups))
+    return [torch.compile(group, dynamic=False) for group in groups]
 
 
 class ModelRunner:
@@ -88,14 +115,16 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.embed_tokens.device
         self.kv_caches = allocate_kv_caches(model, num_blocks * block_size)
-        self._compiler: Callable | None = compile_decode(model) if compile else None
-        # The compiled decode graph once warm_up has built it; None: eager. Benchmarks swap it.
-        self.compiled: Callable | None = None
+        self._compiler: list[LayerGroup] | None = compile_decode(model) if compile else None
+        # The compiled layer groups once warm_up has built them; None: eager. Benchmarks swap them.
+        self.compiled: list[LayerGroup] | None = None
+        # Eager steps run one layer at a time: a check between two layers costs microseconds.
+        self._eager = layer_groups(model, 1)
 
     def warm_up(self, background: bool = False) -> None:
-        """Compile both decode graphs (tens of seconds each on a small CPU) by running them once on
-        dummy rows, then use them: compiled lazily, the first request of each kind would stall every
-        stream in its batch that long. The dummy rows write their K/V into block 0, which the block
+        """Compile both decode graphs of every layer group (minutes in all on a small CPU)
+        by running them once on dummy rows, then use them: compiled lazily, the first request of each
+        kind would stall every stream in its batch that long. The dummy rows write their K/V into block 0, which the block
         manager never hands out, so this may run in a thread of its own while the engine serves."""
         if self._compiler is None:
             return
@@ -118,7 +147,7 @@ class ModelRunner:
             return
         self.compiled = self._compiler
 
-    def _warm_up(self, compiled: Callable) -> None:
+    def _warm_up(self, compiled: list[LayerGroup]) -> None:
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.long, device=self.device)
@@ -129,26 +158,27 @@ class ModelRunner:
                 # Shaped like prepare's tensors (distinct, contiguous): else the guards differ.
                 mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
                 batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask)
-                ids, positions = zeros(batch_size), zeros(batch_size)
-                self._mark_dynamic(ids, positions, batch)
-                compiled(ids, positions, batch, self.kv_caches)
+                self._mark_dynamic(batch)
+                self._hidden(zeros(batch_size), zeros(batch_size), batch, compiled)
         log.info("compiled the decode graphs in %.1fs: decode steps use them from now on", time.monotonic() - t0)
 
     @staticmethod
-    def _mark_dynamic(ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> None:
+    def _mark_dynamic(batch: AttentionBatch) -> None:
         torch._dynamo.mark_dynamic(batch.kv_slots, 1)
         torch._dynamo.mark_dynamic(batch.mask, 2)
-        if ids.shape[0] > 1:  # batch 1 keeps a graph of its own (torch specializes size 1 anyway)
-            for t in (ids, positions, batch.slot_mapping, batch.kv_slots, batch.mask):
+        if batch.slot_mapping.shape[0] > 1:  # batch 1 keeps a graph of its own (torch specializes size 1 anyway)
+            for t in (batch.slot_mapping, batch.kv_slots, batch.mask):
                 torch._dynamo.mark_dynamic(t, 0)
 
     # --- rank 0 ---------------------------------------------------------------------------
-    def step(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor | None]:
+    def step(self, scheduled: list[tuple[Sequence, int]], between_layers: Callable[[], None] | None = None,
+             ) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run the scheduled tokens; record prompt logprobs on the sequences that asked for them.
         Returns the sequences that sample this step (their prompt is complete) and their float32
-        logits [len(samplers), vocab] on the CPU (None when none samples)."""
+        logits [len(samplers), vocab] on the CPU (None when none samples). `between_layers` is
+        called between two layer groups (see `_hidden`); tensor parallelism takes none."""
         inputs, samplers, prefill = self.prepare(scheduled)
-        logits = self.run(inputs)
+        logits = self.run(inputs, between_layers)
         if prefill:
             logprobs = torch.log_softmax(logits[len(samplers):], dim=-1)
             at = 0
@@ -158,11 +188,14 @@ class ModelRunner:
                 at += len(p.rows)
         return samplers, None if logits is None else logits[: len(samplers)]
 
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+    def run(self, inputs: StepInputs, between_layers: Callable[[], None] | None = None) -> torch.Tensor | None:
         """Broadcast the step to the other ranks (if any), run it here too; logits on the CPU."""
         if self.model.tp.size > 1:
             broadcast_step(inputs)
-        logits = self._forward(inputs)
+            # The other ranks run the step in lockstep (collectives in every layer): a step run by
+            # rank 0 alone in between would wait on them for ever.
+            assert between_layers is None, "no hook between layers under tensor parallelism"
+        logits = self._forward(inputs, between_layers)
         return None if logits is None else logits.cpu()
 
     def release_workers(self) -> None:
@@ -171,13 +204,28 @@ class ModelRunner:
             broadcast_step(None)
 
     # --- every rank -----------------------------------------------------------------------
-    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        forward = self.compiled if inputs.compiled else self.model
-        hidden = forward(inputs.ids, inputs.positions, inputs.batch, self.kv_caches)
+    def _forward(self, inputs: StepInputs, between_layers: Callable[[], None] | None = None) -> torch.Tensor | None:
+        groups = self.compiled if inputs.compiled else None
+        hidden = self._hidden(inputs.ids, inputs.positions, inputs.batch, groups, between_layers)
         if not inputs.rows:
             return None
         # Under tensor parallelism every rank joins the vocabulary all-gather; rank 0 samples.
         return self.model.logits(hidden[inputs.rows])
+
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                compiled: list[LayerGroup] | None, between_layers: Callable[[], None] | None = None) -> torch.Tensor:
+        """The step's hidden states: the embeddings, then the layers group after group (the compiled
+        groups, or eagerly one layer at a time), calling `between_layers` between two groups. The
+        same ops as the model's whole forward, so the same results."""
+        x, cos, sin = self.model.embed_positions(ids, positions)
+        for i, group in enumerate(self._eager if compiled is None else compiled):
+            if i and between_layers is not None:
+                between_layers()
+            if compiled is not None and ids.shape[0] > 1:  # as _mark_dynamic: a graph's output has no marks
+                for t in (x, cos, sin):
+                    torch._dynamo.mark_dynamic(t, 0)
+            x = group(x, cos, sin, batch, self.kv_caches)
+        return x
 
     # --- the other ranks ------------------------------------------------------------------
     def run_worker(self) -> None:
@@ -261,5 +309,5 @@ class ModelRunner:
             batch = batch.to(self.device)
             ids_t, pos_t = ids_t.to(self.device), pos_t.to(self.device)
         if compiled:  # on the tensors the graph gets: a copy to the device does not keep the marks
-            self._mark_dynamic(ids_t, pos_t, batch)
+            self._mark_dynamic(batch)
         return ids_t, pos_t, batch, sample_rows

@@ -4,6 +4,10 @@ token budget, a batch size and the free KV blocks, with preemption when the bloc
 Order is fair (shard/fairness.py): running sequences get their tokens, and waiting ones are admitted,
 by (priority, the tenant's weighted service so far, arrival); a preempted sequence is the one last in
 that order, so the tenant with the most service gives way first.
+
+A tenant with nothing running whose request arrives during a step need not wait for that step to end:
+`interject` admits it for a prompt step of its own that the engine runs between two of the step's
+layers (shard/engine.py), when that needs only free blocks.
 """
 from __future__ import annotations
 
@@ -81,6 +85,23 @@ class Scheduler:
             out += self._admit(budget - sum(n for _, n in out))
         return out
 
+    def interject(self) -> list[tuple[Sequence, int]]:
+        """The newcomers' prompts (`_newcomers`: tenants with nothing running, none more urgent
+        waiting) admitted for a prompt step of their own that runs inside the step in progress, between
+        two of its layers; [] if there are none or none fits. Their first token then waits for part of
+        that step instead of all of it.
+
+        Only free blocks: `_admit` never preempts, and a preemption now would take blocks the step in
+        progress is writing. The newcomers' cached prefixes are safe to read: a block is named for
+        reuse only after the step that filled it (`advance`), and loses its name when it is handed out
+        again (BlockManager.allocate), so no named block is being written by the step in progress."""
+        newcomers = self._newcomers()
+        out = self._admit(self.max_batch_prefill_tokens, newcomers) if newcomers else []
+        if out and self._prompt_step_last is not None:
+            # It interrupts a prompt step: the two make the most prompt steps between decode steps.
+            self._prompt_step_last = "newcomers"
+        return out
+
     def _continue_running(self, budget: int) -> list[tuple[Sequence, int]]:
         """The running sequences' next tokens in fair order, preempting the last in that order when
         the KV blocks run out."""
@@ -109,7 +130,8 @@ class Scheduler:
         """The waiting sequences of tenants with nothing running yet, which a prompt step taken while
         others decode admits alone (a first token is what such a tenant waits for, and a flooding
         tenant's next prompt in the same step would make it wait longer); none when another tenant's
-        sequence is more urgent. A tenant already streaming gets its prompt in the next prompt step."""
+        sequence is more urgent. A tenant already streaming gets its prompt in the next prompt step.
+        The same rule picks whom `interject` lets in during a step."""
         busy = {s.tenant for s in self.running}
         new = [s for s in self.waiting if s.tenant not in busy]
         if new and min(s.priority for s in new) <= min(s.priority for s in self.waiting):

@@ -292,15 +292,32 @@ class LlamaModel(nn.Module):
         batch: AttentionBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        """`forward` without its inference_mode decorator: what torch.compile traces (the engine
-        calls it inside inference mode)."""
+        """`forward` without its inference_mode decorator (the engine calls it inside inference mode):
+        `embed_positions`, then every layer. The engine's steps run the same two parts, the layers
+        in groups (shard/model_runner.py), so an urgent request can run between two groups."""
+        x, cos, sin = self.embed_positions(ids, positions)
+        return self.run_layers(x, cos, sin, batch, kv_caches, 0, len(self.layers))
+
+    def embed_positions(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tokens' embeddings [T, hidden] and their rotary cos and sin [T, 1, head_dim]."""
         x = self.embed(ids)
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(x.dtype).unsqueeze(1)
-        sin = emb.sin().to(x.dtype).unsqueeze(1)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, batch, k_cache, v_cache)
+        return x, emb.cos().to(x.dtype).unsqueeze(1), emb.sin().to(x.dtype).unsqueeze(1)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: AttentionBatch,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        start: int,
+        end: int,
+    ) -> torch.Tensor:
+        """Layers [start, end) on the hidden states `x`; each writes its K/V of the step's tokens."""
+        for i in range(start, end):
+            x = self.layers[i](x, cos, sin, batch, *kv_caches[i])
         return x
 
     @torch.inference_mode()

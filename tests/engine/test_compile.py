@@ -86,6 +86,55 @@ def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_
     assert run() == eager
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_layer_groups_compile_once_and_let_a_newcomer_in_between(tiny_llama, monkeypatch):
+    """One graph per layer group (here one layer each: two groups) and batch kind, all built by
+    warm_up; a newcomer that arrives during a compiled decode step runs its prompt between two groups,
+    gets its first token first, and every greedy id stays as eager."""
+    import torch._dynamo
+
+    import shard.model_runner
+
+    model = load_model(ModelSource("tiny", tiny_llama), torch.float32)
+    eager = greedy(model, compile=False)
+    newcomer_prompt = [2000, 7, 31, 800, 9]
+    solo = Engine(model, EngineConfig(max_batch_total_tokens=512, block_size=8), eos_token_ids=[])
+    alone: list[int] = []
+    solo.scheduler.add(Sequence("B", newcomer_prompt, SamplingParams(), 6, lambda kind, v: alone.append(v.token_id)))
+    while solo.scheduler.running or solo.scheduler.waiting:
+        solo.step()
+
+    monkeypatch.setattr(shard.model_runner, "LAYERS_PER_COMPILED_GROUP", 1)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=512, block_size=8, compile=True), eos_token_ids=[])
+    engine.warm_up()
+    assert len(engine.runner.compiled) == 2 and counters["stats"]["unique_graphs"] == 4
+    events: list[tuple[str, int]] = []
+    seqs = [Sequence(str(i), ids, SamplingParams(), NEW_TOKENS[i], lambda kind, v, i=i: events.append((str(i), v.token_id)))
+            for i, ids in enumerate(PROMPTS)]
+    newcomer = Sequence("B", newcomer_prompt, SamplingParams(), 6, lambda kind, v: events.append(("B", v.token_id)), tenant="B")
+    for seq in seqs:
+        engine.scheduler.add(seq)
+    engine.step()  # the prompts
+    hook = engine._between_layers
+
+    def arrive_then_hook():
+        if engine.steps == 1:  # during the first decode step, compiled
+            engine.submit(newcomer)
+        hook()
+
+    engine._between_layers = arrive_then_hook
+    before = len(events)
+    engine.step()
+    assert [name for name, _ in events[before:]] == ["B", "0", "1", "2", "3"]
+    while engine.scheduler.running or engine.scheduler.waiting:
+        engine.step()
+    assert [[t for name, t in events if name == str(i)] for i in range(len(PROMPTS))] == eager
+    assert [t for name, t in events if name == "B"] == alone
+    assert counters["stats"]["unique_graphs"] == 4, "warm_up's graphs served every decode step, no recompile"
+
+
 def test_compile_flag(monkeypatch):
     from sluice.cli import build_parser, main
 

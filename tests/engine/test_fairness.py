@@ -263,3 +263,22 @@ def test_without_decodes_prompts_share_the_budget_as_they_come():
     sched.add(short)
     out = sched.schedule()  # the rest of the long one (it was admitted first), then the new one
     assert out == [(long, 8), (short, 4)]
+
+
+def test_an_interjection_into_a_prompt_step_is_the_second_prompt_step_before_the_decodes():
+    """Scheduler.interject (the engine side: tests/engine/test_interject.py) admits by the rule of
+    `_newcomers`, and counts toward the prompt steps allowed between decode steps."""
+    sched = decoding_flood()  # tenant A: four sequences decoding
+    more = seq("A")
+    sched.add(more)
+    prompt_step = sched.schedule()
+    assert [s for s, _ in prompt_step] == [more]  # A's next prompt, in a step of its own
+    lone = seq("B")
+    sched.add(lone)  # arrives during that step
+    interjected = sched.interject()
+    assert [s for s, _ in interjected] == [lone]
+    decode_steps(sched, interjected)
+    decode_steps(sched, prompt_step)
+    sched.add(seq("C"))  # another newcomer: it waits for the decodes, as after two prompt steps
+    out = sched.schedule()
+    assert len(out) == 6 and all(n == 1 for _, n in out)
