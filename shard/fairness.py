@@ -57,6 +57,11 @@ class Fairness:
     def _charge(self, seq: Sequence, cost: float) -> None:
         self.counters[seq.tenant] = self.counters.get(seq.tenant, 0.0) + cost / seq.weight
 
+    def less_served(self, tenant: str, others: set[str]) -> bool:
+        """Whether `tenant`'s weighted service so far is below each of `others`'."""
+        mine = self.counters.get(tenant, 0.0)
+        return all(mine < self.counters.get(other, 0.0) for other in others)
+
     def order(self, seq: Sequence) -> tuple[int, float, int]:
         """Sort key: served first is smallest (priority, tenant's counter, arrival)."""
         return seq.priority, self.counters.get(seq.tenant, 0.0), seq.arrival

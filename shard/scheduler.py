@@ -127,13 +127,20 @@ class Scheduler:
         return out
 
     def _newcomers(self) -> list[Sequence]:
-        """The waiting sequences of tenants with nothing running yet, which a prompt step taken while
-        others decode admits alone (a first token is what such a tenant waits for, and a flooding
-        tenant's next prompt in the same step would make it wait longer); none when another tenant's
-        sequence is more urgent. A tenant already streaming gets its prompt in the next prompt step.
-        The same rule picks whom `interject` lets in during a step."""
+        """The waiting sequences of light tenants, which a prompt step taken while others decode admits
+        alone (a first token is what such a tenant waits for, and a flooding tenant's next prompt in the
+        same step would make it wait longer); none when another tenant's sequence is more urgent. A
+        light tenant has nothing running yet, or has been served less (`Fairness.less_served`) than
+        every other tenant with sequences running: a person asking a question every few seconds beside
+        a flood, whose previous answer is still streaming. A tenant alone, or the most served, gets its
+        prompt in the next prompt step. The same rule picks whom `interject` lets in during a step."""
         busy = {s.tenant for s in self.running}
-        new = [s for s in self.waiting if s.tenant not in busy]
+
+        def light(tenant: str) -> bool:
+            others = busy - {tenant}
+            return tenant not in busy or bool(others) and self.fair.less_served(tenant, others)
+
+        new = [s for s in self.waiting if light(s.tenant)]
         if new and min(s.priority for s in new) <= min(s.priority for s in self.waiting):
             return new
         return []

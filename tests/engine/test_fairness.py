@@ -229,6 +229,23 @@ def test_the_prompt_step_goes_to_a_newcomer_before_a_streaming_tenant():
     assert [s for s, _ in sched.schedule()] == [more]  # then A's prompt, in the next prompt step
 
 
+def test_a_light_tenant_still_streaming_gets_its_prompt_step_before_the_heavy_one():
+    """B asks again while its previous answer still streams beside A's flood: B has been served less than
+    A, so its new prompt still gets a step of its own, ahead of A's next prompt."""
+    sched = decoding_flood()
+    streaming = seq("B", max_new=50)
+    sched.add(streaming)
+    decode_steps(sched, sched.schedule())  # B's first prompt, alone
+    for _ in range(3):
+        decode_steps(sched, sched.schedule())  # the decodes: A's four sequences and B's one
+    assert sched.fair.counters["B"] < sched.fair.counters["A"]
+    more, again = seq("A"), seq("B")
+    sched.add(more)  # A's next prompt arrived first
+    sched.add(again)
+    assert [s for s, _ in sched.schedule()] == [again]
+    assert sched.interject() == []  # and the heavy tenant is never let in between layers
+
+
 def test_a_newcomer_arriving_during_a_streaming_tenants_prompt_step_does_not_wait_for_the_decodes():
     sched = decoding_flood()
     more = seq("A")
