@@ -57,4 +57,4 @@ def wait_until_healthy(address: str, procs: Sequence[subprocess.Popen] = (), tim
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"not healthy within {timeout_s:.0f} s ({message})")
-        time.sleep(0.3)
+        time.sleep(0.1)
