@@ -174,8 +174,4 @@ def serve(settings: ShardSettings, source: ModelSource, tp: TPGroup | None = Non
         engine.runner.release_workers()
     for child in children or []:
         child.wait(timeout=10)
-    if engine.compile_thread is not None and engine.compile_thread.is_alive():
-        # Interpreter shutdown under a thread still inside inductor aborts the process (exit 134):
-        # the work is done, so leave without waiting for the compile.
-        logging.shutdown()
-        os._exit(0)
+    # Returns to sluice.cli.main, which exits at once: without waiting for a background compile either.

@@ -16,7 +16,7 @@ import threading
 import time
 
 from sluice.options import ROUTER, SHARD, add_flags, from_args, spellings, to_argv
-from sluice.process import die_with_parent, stop
+from sluice.process import die_with_parent, exit_now, stop
 
 log = logging.getLogger("sluice")
 
@@ -200,12 +200,15 @@ def run_health(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """A whole process's life: a command that returns has finished its work (a server drained and
+    stopped), and the process exits at once (sluice.process.exit_now); failures raise SystemExit."""
     from sluice import logs
 
     logs.setup()
     args = build_parser().parse_args(argv)
     commands = {"serve": run_serve, "router": run_router, "shard": run_shard, "health": run_health}
     commands[args.command](args)
+    exit_now()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Child-process plumbing shared by the launcher, the tensor-parallel rank spawner, benchmarks and tests."""
+import logging
+import os
 import signal
 import subprocess
+import sys
+from typing import NoReturn
 
 
 def die_with_parent() -> None:
@@ -22,3 +26,13 @@ def stop(proc: subprocess.Popen, timeout_s: float) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+def exit_now() -> NoReturn:
+    """Exit 0 at once, logs and stdio flushed: a server whose work is done skips the interpreter's
+    teardown of torch, gRPC and transformers (~0.3-0.5 s of every stop and rolling restart), and any
+    thread still running (a background compile, under which that teardown aborts the process)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -108,6 +108,10 @@ def test_layer_groups_compile_once_and_let_a_newcomer_in_between(tiny_llama, mon
     torch._dynamo.reset()
     counters.clear()
     engine = Engine(model, EngineConfig(max_batch_total_tokens=512, block_size=8, compile=True), eos_token_ids=[])
+    # Python's wrapper around the kernels instead of the C++ one that compile_decode turns on: the
+    # groups, their graphs and the pauses between them are the same, and four C++ wrappers would add
+    # ~12 s of g++ to the suite (test_compiled_decode_equals_eager compiles the C++ ones).
+    monkeypatch.setattr(torch._inductor.config, "cpp_wrapper", False)
     engine.warm_up()
     assert len(engine.runner.compiled) == 2 and counters["stats"]["unique_graphs"] == 4
     events: list[tuple[str, int]] = []
