@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import pytest
 
 from scripted_pool import chunks_of
 
@@ -21,6 +22,7 @@ BODY = {"messages": [{"role": "user", "content": "Book a hotel in Paris, France 
         "tool_choice": "required", "max_tokens": 80, "temperature": 0}
 
 
+@pytest.mark.slow  # ~16 s: constrained generations on SmolLM2; the full suite runs it, the edit-test loop does not
 def test_calls_validate_against_their_functions(smol):
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     for parallel in (None, True):
