@@ -5,7 +5,7 @@ One thread owns the model. Each step it (1) drops cancelled sequences and frees 
 and free KV blocks allow (prompts may be split into chunks across steps), (3) runs one forward
 for all scheduled tokens, (4) samples one token for each sequence whose prompt is complete, and
 hands it to that request's callback. Requests join and leave the batch between steps, with one
-exception: a request whose tenant has nothing running, arriving during a step, may run its prompt in
+exception: a light tenant's request (Scheduler._newcomers), arriving during a step, may run its prompt in
 a step of its own between two of that step's layers (`_between_layers`, Scheduler.interject), so that
 its first token waits for part of the step in progress instead of all of it.
 
@@ -159,8 +159,7 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop:
             self._take_inbox()
-            for seq in [s for s in (*self.scheduler.running, *self.scheduler.waiting) if s.cancelled]:
-                self.scheduler.remove(seq)
+            self._drop_cancelled([*self.scheduler.running, *self.scheduler.waiting])
             idle = not self.scheduler.running and not self.scheduler.waiting
             if self.drain_deadline is not None and (idle or time.monotonic() >= self.drain_deadline):
                 if not idle:
@@ -192,6 +191,10 @@ class Engine:
         while self._inbox:
             self.scheduler.add(self._inbox.popleft())
 
+    def _drop_cancelled(self, seqs: list[Sequence]) -> None:
+        for seq in [s for s in seqs if s.cancelled]:
+            self.scheduler.remove(seq)
+
     @torch.inference_mode()  # the logits are inference tensors: masks and penalties edit them in place
     def step(self) -> None:
         scheduled = self.scheduler.schedule()
@@ -212,8 +215,7 @@ class Engine:
         if self._interjected or not self._inbox:  # between every two layers of an eager step: cheap checks first
             return
         self._take_inbox()
-        for seq in [s for s in self.scheduler.waiting if s.cancelled]:
-            self.scheduler.remove(seq)  # waiting ones only: the running ones' blocks are being written
+        self._drop_cancelled(self.scheduler.waiting)  # waiting ones only: the running ones' blocks are being written
         scheduled = self.scheduler.interject()
         if scheduled:
             self._interjected = True

@@ -5,7 +5,7 @@ Order is fair (shard/fairness.py): running sequences get their tokens, and waiti
 by (priority, the tenant's weighted service so far, arrival); a preempted sequence is the one last in
 that order, so the tenant with the most service gives way first.
 
-A tenant with nothing running whose request arrives during a step need not wait for that step to end:
+A light tenant (`_newcomers`) whose request arrives during a step need not wait for that step to end:
 `interject` admits it for a prompt step of its own that the engine runs between two of the step's
 layers (shard/engine.py), when that needs only free blocks.
 """
@@ -86,7 +86,7 @@ class Scheduler:
         return out
 
     def interject(self) -> list[tuple[Sequence, int]]:
-        """The newcomers' prompts (`_newcomers`: tenants with nothing running, none more urgent
+        """The newcomers' prompts (`_newcomers`: light tenants, none more urgent
         waiting) admitted for a prompt step of their own that runs inside the step in progress, between
         two of its layers; [] if there are none or none fits. Their first token then waits for part of
         that step instead of all of it.
