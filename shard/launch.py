@@ -20,6 +20,7 @@ import torch
 from shard.engine import Engine, EngineConfig
 from shard.hardware import choose_compile, choose_dtype
 from shard.model_runner import ModelRunner
+from shard.models import cpu_matmul
 from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, check_divisible, init_group
 from shard.servicer import GrpcServer
@@ -79,6 +80,7 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     elif tp.size > 1 and not torch.cuda.is_available():
         # Ranks on one host share its cores: oversubscribed OpenMP threads stall every collective.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
+    cpu_matmul.use_threads(torch.get_num_threads())
     t0 = time.time()
     model = load_model(source, DTYPES[dtype], tp, _device(settings, tp), settings.quantize)
     log.info("rank %d/%d loaded %s (%s%s) in %.1fs", tp.rank, tp.size, source.model_id, dtype,

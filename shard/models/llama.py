@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shard.models.cpu_matmul import float32_matmul
 from shard.parallel import TPGroup
 
 
@@ -125,9 +126,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T: w in the compute dtype, or int8 with one scale per output row (--quantize int8, see
     shard/models/quantize.py): half the bytes a decode step reads, through ATen's int8 GEMM."""
-    if scale is None:
-        return F.linear(x, w, bias)
-    out = torch.ops.aten._weight_int8pack_mm(x, w, scale)
+    if scale is not None:
+        out = torch.ops.aten._weight_int8pack_mm(x, w, scale)
+    else:
+        # float32 on the CPU: MKL's fastest formulation for the step's shape (shard/models/cpu_matmul.py).
+        out = float32_matmul(x, w) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if out is None:
+            return F.linear(x, w, bias)
     return out if bias is None else out + bias
 
 
