@@ -6,7 +6,7 @@ streamed from memory as in a real step):
     Splitting the weight's rows into one slice per thread and multiplying the slices as a batch (bmm
     runs them in parallel) reads on every core: the 30 layers' projections 37.5 -> 21.5 ms, the
     vocabulary matrix 11.0 -> 6.1 ms. A compiled batch-1 step: 36 -> 25 ms.
-  * 2-128 rows (batched decode, prompt chunks): (w @ x.T).T is the same product, 1.2-3x faster than
+  * 2-256 rows (batched decode, short prompt chunks): (w @ x.T).T is the same product, 1.2-3x faster than
     F.linear's x @ w.T: the layers 81 -> 47 ms at 16 rows, the vocabulary matrix 27 -> 16 ms. Not
     inside a compiled graph: inductor packs F.linear's weights for MKL, as fast there, and the
     transposed layout made the compiled steps slower.
@@ -18,6 +18,11 @@ import torch
 # The slices of a one-row product: the intra-op threads. A module value rather than a call to
 # torch.get_num_threads() per product, which dynamo cannot trace (it would split the compiled graph).
 _threads = torch.get_num_threads()
+
+# Past this many rows the transposed form's gain is gone (512 rows: 24 vs 25 ms for a layer's four
+# products) and its column-major result slows what follows: a 1,500-token prompt's 512-row chunks
+# took 4.7 s instead of 3.5 s.
+_MAX_TRANSPOSED_ROWS = 256
 
 
 def use_threads(n: int) -> None:
@@ -33,6 +38,6 @@ def float32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
             return None
         slices = w.view(_threads, w.shape[0] // _threads, w.shape[1])
         return torch.bmm(slices, x.t().expand(_threads, -1, 1)).view(1, w.shape[0])
-    if torch.compiler.is_compiling():
+    if x.shape[0] > _MAX_TRANSPOSED_ROWS or torch.compiler.is_compiling():
         return None
     return (w @ x.t()).t()
