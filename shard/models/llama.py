@@ -125,9 +125,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T: w in the compute dtype, or int8 with one scale per output row (--quantize int8, see
-    shard/models/quantize.py): half the bytes a decode step reads, through ATen's int8 GEMM."""
+    shard/models/quantize.py): a half or a quarter of the bytes a decode step reads, through ATen's int8 GEMM."""
     if scale is not None:
-        out = torch.ops.aten._weight_int8pack_mm(x, w, scale)
+        # The kernel takes rows in its scales' dtype, bfloat16 (shard/models/quantize.py).
+        out = torch.ops.aten._weight_int8pack_mm(x.to(scale.dtype), w, scale).to(x.dtype)
     else:
         # float32 on the CPU: MKL's fastest formulation for the step's shape (shard/models/cpu_matmul.py).
         out = float32_matmul(x, w) if x.dtype == torch.float32 and x.device.type == "cpu" else None
@@ -269,7 +270,7 @@ class LlamaModel(nn.Module):
         rows = F.embedding(ids, self.embed_tokens)
         if self.embed_tokens_scale is None:
             return rows
-        return rows.to(self.dtype) * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))
+        return (rows.to(self.dtype) * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))).to(self.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -2,8 +2,10 @@
 vocabulary matrix become int8 with one float scale per output row, symmetric (absmax / 127).
 
 A decode step reads every weight once per step, so at small batches its time is the bytes read: int8
-halves them against bf16. Activations, norms and the KV cache stay in the compute dtype; the matmul is
-ATen's `_weight_int8pack_mm` (dequantizes inside the kernel). Per-row scales are what that kernel takes.
+halves them against bf16 and quarters them against float32. Activations, norms and the KV cache stay in
+the compute dtype (float32 on CPUs without native bf16, shard/hardware.py); the matmul is ATen's
+`_weight_int8pack_mm` (dequantizes inside the kernel), fed bfloat16 rows. Per-row scales are what that
+kernel takes.
 """
 from __future__ import annotations
 
@@ -19,11 +21,13 @@ _LAYER_WEIGHTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weights, scales in w's dtype): w ≈ q * scale[:, None]."""
+    """(int8 weights, bfloat16 scales): w ≈ q * scale[:, None]. The scales are in the kernel's
+    activation dtype: ATen's int8 kernel is fast with bfloat16 activations only (float32 ones took
+    4-15x longer, AVX2 host), so a float32 model hands it bfloat16 rows (llama.linear)."""
     wf = w.float()
     scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(w.dtype)
+    return q, scale.to(torch.bfloat16)
 
 
 def _swap(module: nn.Module, name: str) -> None:

@@ -13,11 +13,13 @@ def test_bf16_only_where_the_cpu_has_native_bf16():
     assert choose_dtype("auto", "cuda:0", None, frozenset()) == "bfloat16"
 
 
-def test_an_explicit_dtype_wins_and_int8_computes_in_bf16():
+def test_an_explicit_dtype_wins_and_int8_computes_in_the_machines_dtype():
     assert choose_dtype("float32", "cpu", None, frozenset({"avx512_bf16"})) == "float32"
-    assert choose_dtype("auto", "cpu", "int8", frozenset()) == "bfloat16"
-    with pytest.raises(ValueError, match="bfloat16"):
-        choose_dtype("float32", "cpu", "int8")
+    assert choose_dtype("auto", "cpu", "int8", frozenset({"avx2"})) == "float32"
+    assert choose_dtype("auto", "cpu", "int8", frozenset({"avx512_bf16"})) == "bfloat16"
+    assert choose_dtype("float32", "cpu", "int8", frozenset({"avx512_bf16"})) == "float32"
+    with pytest.raises(ValueError, match="float16"):
+        choose_dtype("float16", "cpu", "int8")
 
 
 def test_compile_defaults_to_the_background_on_one_cpu_shard():
