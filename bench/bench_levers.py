@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shard import model_runner  # noqa: E402
 from shard.engine import Engine, EngineConfig  # noqa: E402
 from shard.models.loader import load_model  # noqa: E402
 from shard.sampler import SamplingParams  # noqa: E402
@@ -39,12 +40,10 @@ def prompt(i: int, n: int) -> list[int]:
 
 
 def build(source, dtype, lever: str) -> tuple[Engine, float]:
-    import torch._inductor.config as inductor
-
     model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None)
     compiled = "compiled" in lever
     engine = Engine(model, EngineConfig(max_batch_total_tokens=16384, compile=compiled), eos_token_ids=[])
-    inductor.cpp_wrapper = lever != "compiled-py"  # compile_decode turns it on; the lever turns it off
+    model_runner.CPP_WRAPPER = lever != "compiled-py"
     t0 = time.perf_counter()
     engine.warm_up()
     return engine, time.perf_counter() - t0

@@ -82,6 +82,26 @@ def layer_groups(model: LlamaModel, per_group: int) -> list[LayerGroup]:
     return [group(start, min(start + per_group, n)) for start in range(0, n, per_group)]
 
 
+# Inductor's C++ wrapper calls the kernels without Python in between: ~10% per decode step at batch 1
+# and 16 (bench/bench_levers.py), for ~25% more compile time, which the background compile hides.
+# A module value so that a benchmark can compare it off.
+CPP_WRAPPER = True
+
+
+def configure_inductor() -> None:
+    """Inductor's settings for the decode graphs, in the calling thread: inductor's config is
+    thread-local (torch 2.13), and graphs compile in whichever thread first runs them (the background
+    compile's own, see ModelRunner.warm_up). Set only in the engine's thread, the background compile
+    ran without freezing or the C++ wrapper, its steps 1.35x longer at batch 16 (117.9 vs 86.8 ms)."""
+    import torch._inductor.config
+
+    # Freezing makes the weights constants that inductor packs once for the CPU matmul libraries:
+    # 1.2x over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4).
+    # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
+    torch._inductor.config.freezing = True
+    torch._inductor.config.cpp_wrapper = CPP_WRAPPER
+
+
 def compile_decode(model: LlamaModel) -> list[LayerGroup]:
     """torch.compile of the model's layer groups (LAYERS_PER_COMPILED_GROUP) for decode-only steps.
     Eager, each step pays a fixed ~8-15 ms of Python and ATen dispatch over ~700 small ops; the
@@ -91,15 +111,8 @@ def compile_decode(model: LlamaModel) -> list[LayerGroup]:
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)
-    import torch._inductor.config
 
-    # Freezing makes the weights constants that inductor packs once for oneDNN's matmuls: 1.2x
-    # over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). It must be set globally:
-    # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
-    torch._inductor.config.freezing = True
-    # The C++ wrapper calls the kernels without Python in between: ~10% per decode step at batch 1
-    # and 16 (bench/bench_levers.py), for ~25% more compile time, which the background compile hides.
-    torch._inductor.config.cpp_wrapper = True
+    configure_inductor()
     groups = layer_groups(model, LAYERS_PER_COMPILED_GROUP)
     # The groups share one function's code, and dynamo's limit on graphs per code (8) would send a
     # deep model's later groups back to eager: room for both graphs of every group.
@@ -128,6 +141,7 @@ class ModelRunner:
         manager never hands out, so this may run in a thread of its own while the engine serves."""
         if self._compiler is None:
             return
+        configure_inductor()
         if background:
             # Serving comes first: the lowest CPU priority for this thread (Linux nices threads one
             # by one), and inductor's kernel compiles in this process instead of a worker per core.

@@ -1,8 +1,13 @@
 """Compiled decode steps (torch.compile; by default in the background) give the same greedy ids as eager, in float32."""
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
 from torch._dynamo.utils import counters
+
+from shard import model_runner
 
 from shard.engine import Engine, EngineConfig
 from shard.models.loader import load_model
@@ -57,16 +62,27 @@ def test_compiled_decode_equals_eager(tiny_llama):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_llama):
-    """The default: requests run while the graphs compile in a thread; block 0, which the warm-up
-    writes, is never a sequence's."""
+def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_llama, monkeypatch):
+    """The default: requests run while the graphs compile in a thread, with inductor's settings (its
+    config is thread-local: set only in the engine's thread, the graphs compiled without freezing);
+    block 0, which the warm-up writes, is never a sequence's."""
     import torch._dynamo
 
     model = load_model(ModelSource("tiny", tiny_llama), torch.float32)
     eager = greedy(model, compile=False)
     torch._dynamo.reset()
+    monkeypatch.setattr(model_runner, "CPP_WRAPPER", False)  # g++ time; the setting still has to arrive
     config = EngineConfig(max_batch_total_tokens=512, block_size=8, compile=True, compile_in_background=True)
     engine = Engine(model, config, eos_token_ids=[])
+    seen: dict[str, object] = {}
+    compile_graphs = engine.runner._warm_up
+
+    def probe(compiled):
+        seen.update(thread=threading.current_thread().name, freezing=torch._inductor.config.freezing,
+                    cpp_wrapper=torch._inductor.config.cpp_wrapper)
+        return compile_graphs(compiled)
+
+    monkeypatch.setattr(engine.runner, "_warm_up", probe)
     engine.warm_up()  # returns at once: the compile runs in its own thread
 
     def run() -> list[list[int]]:
@@ -83,6 +99,7 @@ def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_
     assert run() == eager  # eagerly, or partly compiled if the compile finished meanwhile
     engine.compile_thread.join(timeout=600)
     assert engine.runner.compiled is not None, "the compile thread finished and the runner switched"
+    assert seen == {"thread": "compile", "freezing": True, "cpp_wrapper": False}
     assert run() == eager
 
 
@@ -111,7 +128,7 @@ def test_layer_groups_compile_once_and_let_a_newcomer_in_between(tiny_llama, mon
     # Python's wrapper around the kernels instead of the C++ one that compile_decode turns on: the
     # groups, their graphs and the pauses between them are the same, and four C++ wrappers would add
     # ~12 s of g++ to the suite (test_compiled_decode_equals_eager compiles the C++ ones).
-    monkeypatch.setattr(torch._inductor.config, "cpp_wrapper", False)
+    monkeypatch.setattr(model_runner, "CPP_WRAPPER", False)
     engine.warm_up()
     assert len(engine.runner.compiled) == 2 and counters["stats"]["unique_graphs"] == 4
     events: list[tuple[str, int]] = []
