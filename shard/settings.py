@@ -20,8 +20,8 @@ class ShardSettings:
                         help="auto: bfloat16 on GPUs and on CPUs with native bf16 (avx512_bf16 or AMX), "
                              "else float32 (shard/hardware.py)")
     quantize: str | None = option(None, env="QUANTIZE", choices=("int8", "eetq"),
-                                  help="int8 weight-only projections (eetq: TGI's name for it), computed in "
-                                       "bfloat16: half the bytes per decode step")
+                                  help="int8 weight-only projections and vocabulary (eetq: TGI's name for it), "
+                                       "computed in the --dtype: a quarter of float32's bytes per decode step")
     num_shard: int = option(1, env="NUM_SHARD", type=int,
                             help="tensor-parallel processes holding one copy of the model between them")
     device: str = option("auto", env="DEVICE", help="cpu, cuda or auto (cuda when there is one)")
