@@ -112,7 +112,7 @@ def compile_decode(model: LlamaModel) -> list[LayerGroup]:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)
 
-    configure_inductor()
+    configure_inductor()  # in the engine's thread too, where a graph whose guards fail later recompiles
     groups = layer_groups(model, LAYERS_PER_COMPILED_GROUP)
     # The groups share one function's code, and dynamo's limit on graphs per code (8) would send a
     # deep model's later groups back to eager: room for both graphs of every group.

@@ -270,7 +270,8 @@ class LlamaModel(nn.Module):
         rows = F.embedding(ids, self.embed_tokens)
         if self.embed_tokens_scale is None:
             return rows
-        return (rows.to(self.dtype) * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))).to(self.dtype)
+        # bfloat16 scales (quantize.py) times rows in the compute dtype: the product is in the compute dtype.
+        return rows.to(self.dtype) * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
