@@ -10,6 +10,8 @@ the levers (so load from elsewhere hits each alike). Levers:
   compiled-py    the same with inductor's Python wrapper (the shard before the C++ one)
   int8           weight-only int8 (--quantize), eager
   int8-compiled  weight-only int8, compiled
+  bf16w          matrices stored in bfloat16 under float32 compute (the AVX2 default), eager
+  bf16w-compiled the same, compiled
 Prints ms/step and tok/s per lever, and the one-off compile times.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from shard import model_runner  # noqa: E402
 from shard.engine import Engine, EngineConfig  # noqa: E402
+from shard.models import cpu_kernels  # noqa: E402
 from shard.models.loader import load_model  # noqa: E402
 from shard.sampler import SamplingParams  # noqa: E402
 from shard.sequence import Sequence  # noqa: E402
@@ -40,7 +43,9 @@ def prompt(i: int, n: int) -> list[int]:
 
 
 def build(source, dtype, lever: str) -> tuple[Engine, float]:
-    model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None)
+    cpu_kernels.load()
+    matrices = torch.bfloat16 if lever.startswith("bf16w") else None
+    model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None, matrices=matrices)
     compiled = "compiled" in lever
     engine = Engine(model, EngineConfig(max_batch_total_tokens=16384, compile=compiled), eos_token_ids=[])
     model_runner.CPP_WRAPPER = lever != "compiled-py"
@@ -66,6 +71,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=200)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
+    # Each compiled lever is a new model for the same code: without room, the third one ran eagerly.
+    torch._dynamo.config.recompile_limit = 64
     source = resolve(None)
     dtype = getattr(torch, args.dtype)
     engines, compile_s = {}, {}

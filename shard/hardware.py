@@ -1,9 +1,14 @@
-"""Defaults chosen per machine: the compute dtype and whether decode steps are compiled.
+"""Defaults chosen per machine: the compute dtype, the dtype the weight matrices are stored in, and
+whether decode steps are compiled.
 
 The rule, from bench/RESULTS.md (SmolLM2-135M, 2-core AMD EPYC hosts, same load generator):
   * bf16 matmuls are fast only where the CPU has native bf16 (AVX512-BF16 or AMX): there bf16 was ~2x
     float32 at every batch size. On an AVX2-only host, bf16 took slow paths in every batched step
     (c=16: 17.9 tok/s bf16 vs 59.6 float32), so float32 is the default there. GPUs: bf16.
+  * Under float32 compute on a CPU, the weight matrices are stored in bfloat16 when our kernel for them
+    runs here (x86 with AVX2 + FMA and a C++ compiler, shard/models/cpu_kernels.py): half the bytes a
+    decode step reads. AVX2 host: the 30 layers' projections 21 -> 10-12 ms at batch 1, 48 -> 34 ms at
+    16 rows, equal at 256 rows. `--dtype float32` keeps float32 weights (exact comparison).
   * torch.compile of decode steps removes the ~8-15 ms of per-step dispatch (1.6-1.8x at batch 1 on
     CPU) but takes minutes on a small CPU, so by default it runs in the background after the shard is
     already serving eagerly (model_runner.ModelRunner.warm_up). Not with tensor parallelism (the
@@ -31,14 +36,21 @@ def choose_dtype(requested: str, device: str, quantize: str | None, flags: froze
     """The dtype to compute in: `requested` unless "auto"."""
     if quantize and requested == "float16":
         raise ValueError(f"--quantize {quantize} computes in bfloat16 or float32; drop --dtype float16")
-    # --quantize leaves the choice as it is: its int8 kernel is fed bfloat16 rows whatever the compute
-    # dtype (shard/models/quantize.py), and on AVX2 a float32 model with int8 weights took 18 ms per
-    # batch-1 step against float32's 25, and the same 89 ms at batch 16 (bf16 compute there: 5x slower).
+    # --quantize leaves the choice as it is: int8 weights work under either compute dtype
+    # (shard/models/quantize.py), and bf16 compute is 5x slower at batch 16 on AVX2.
     if requested != "auto":
         return requested
     if device.startswith("cuda"):
         return "bfloat16"
     return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
+
+
+def choose_matrices(requested: str, compute: str, device: str, kernels: bool) -> str:
+    """The dtype the projections and vocabulary are stored in. `kernels`: whether our narrow-weight CPU
+    kernels loaded (shard/models/cpu_kernels.py)."""
+    if requested == "auto" and compute == "float32" and device == "cpu" and kernels:
+        return "bfloat16"
+    return compute
 
 
 def choose_compile(requested: bool | None, device: str, num_shard: int) -> tuple[bool, bool]:

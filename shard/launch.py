@@ -18,9 +18,9 @@ import time
 import torch
 
 from shard.engine import Engine, EngineConfig
-from shard.hardware import choose_compile, choose_dtype
+from shard.hardware import choose_compile, choose_dtype, choose_matrices
 from shard.model_runner import ModelRunner
-from shard.models import cpu_matmul
+from shard.models import cpu_kernels, cpu_matmul
 from shard.models.loader import load_model, model_config
 from shard.parallel import TPGroup, check_divisible, init_group
 from shard.servicer import GrpcServer
@@ -74,7 +74,8 @@ def _engine_config(settings: ShardSettings, device: str, tp_size: int) -> Engine
 
 
 def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
-    dtype = choose_dtype(settings.dtype, _device(settings, tp), settings.quantize)
+    device = _device(settings, tp)
+    dtype = choose_dtype(settings.dtype, device, settings.quantize)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     elif tp.size > 1 and not torch.cuda.is_available():
@@ -82,9 +83,13 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
     cpu_matmul.use_threads(torch.get_num_threads())
     t0 = time.time()
-    model = load_model(source, DTYPES[dtype], tp, _device(settings, tp), settings.quantize)
-    log.info("rank %d/%d loaded %s (%s%s) in %.1fs", tp.rank, tp.size, source.model_id, dtype,
-             f", {settings.quantize} weights" if settings.quantize else "", time.time() - t0)
+    # Our CPU kernels take float32 rows and narrow weights: the default's bfloat16 ones, or --quantize's int8.
+    kernels = device == "cpu" and dtype == "float32" and (settings.dtype == "auto" or bool(settings.quantize))
+    matrices = choose_matrices(settings.dtype, dtype, device, kernels and cpu_kernels.load())
+    model = load_model(source, DTYPES[dtype], tp, device, settings.quantize, DTYPES[matrices])
+    weights = settings.quantize or matrices
+    log.info("rank %d/%d loaded %s (%s compute, %s weights) in %.1fs", tp.rank, tp.size, source.model_id, dtype,
+             weights, time.time() - t0)
     return model
 
 

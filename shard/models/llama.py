@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shard.models import cpu_kernels
 from shard.models.cpu_matmul import float32_matmul
 from shard.parallel import TPGroup
 
@@ -124,11 +125,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T: w in the compute dtype, or int8 with one scale per output row (--quantize int8, see
-    shard/models/quantize.py): a half or a quarter of the bytes a decode step reads, through ATen's int8 GEMM."""
-    if scale is not None:
-        # The kernel takes rows in its scales' dtype, bfloat16 (shard/models/quantize.py).
-        out = torch.ops.aten._weight_int8pack_mm(x.to(scale.dtype), w, scale).to(x.dtype)
+    """x @ w.T. w in the compute dtype, in bfloat16 while x is float32 (the default on CPUs without
+    native bf16), or int8 with one scale per output row (--quantize int8, shard/models/quantize.py)."""
+    if cpu_kernels.applies(x, w):
+        out = cpu_kernels.linear(x, w, scale)  # narrow weights, float32 rows, on the CPU
+    elif scale is not None:
+        # ATen's int8 kernel, fast with bfloat16 rows only (float32 ones took 4-15x longer, AVX2 host).
+        out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w, scale.to(torch.bfloat16)).to(x.dtype)
+    elif w.dtype != x.dtype:
+        out = F.linear(x, w.to(x.dtype))  # bfloat16 weights the kernels cannot take (K not a multiple of 8)
     else:
         # float32 on the CPU: MKL's fastest formulation for the step's shape (shard/models/cpu_matmul.py).
         out = float32_matmul(x, w) if x.dtype == torch.float32 and x.device.type == "cpu" else None
@@ -263,15 +268,15 @@ class LlamaModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (activations, KV cache): the norms keep it when projections are int8."""
+        """The compute dtype (activations, KV cache): the norms keep it when the matrices are narrower
+        (bfloat16 or int8, shard/models/quantize.py)."""
         return self.norm.dtype
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.embed_tokens)
+        rows = F.embedding(ids, self.embed_tokens).to(self.dtype)  # narrow weights: see `linear`
         if self.embed_tokens_scale is None:
             return rows
-        # bfloat16 scales (quantize.py) times rows in the compute dtype: the product is in the compute dtype.
-        return rows.to(self.dtype) * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))
+        return rows * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))  # int8 rows' scales, compute dtype
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

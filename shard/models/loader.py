@@ -34,15 +34,18 @@ Getter = Callable[[str], "torch.Tensor | None"]
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = None, device: str = "cpu",
-               quantize: str | None = None) -> LlamaModel:
-    """`quantize`: None, or a name in shard.models.quantize.QUANTIZE."""
+               quantize: str | None = None, matrices: torch.dtype | None = None) -> LlamaModel:
+    """`dtype`: the compute dtype. `quantize`: None, or a name in shard.models.quantize.QUANTIZE.
+    `matrices`: the dtype the projections and vocabulary are stored in, if not `dtype` (the norms keep
+    `dtype`): bfloat16 under float32 compute is the default on CPUs without native bf16."""
     tp = tp or TPGroup()
     cfg, get = _open_gguf(source.path) if source.is_gguf else _open_hf(source.path)
     check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp.size)
     with init_empty_weights(include_buffers=False):
         model = LlamaModel(cfg, tp)
     for name, tensor in _rank_weights(cfg, tp, get):
-        set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+        narrow = matrices is not None and tensor.dim() == 2 and not quantize
+        set_module_tensor_to_device(model, name, device, value=tensor, dtype=matrices if narrow else dtype)
     model.inv_freq = model.inv_freq.to(device)
     model = model.eval().requires_grad_(False)
     if quantize:

@@ -1,11 +1,13 @@
-"""Weight-only int8 (`--quantize int8`, TGI's `eetq` name accepted): every projection and the
-vocabulary matrix become int8 with one float scale per output row, symmetric (absmax / 127).
+"""Weights stored narrower than the compute dtype.
 
-A decode step reads every weight once per step, so at small batches its time is the bytes read: int8
-halves them against bf16 and quarters them against float32. Activations, norms and the KV cache stay in
-the compute dtype (float32 on CPUs without native bf16, shard/hardware.py); the matmul is ATen's
-`_weight_int8pack_mm` (dequantizes inside the kernel), fed bfloat16 rows. Per-row scales are what that
-kernel takes.
+A decode step reads every weight once per step, so at small batches its time is the bytes read.
+Two narrow forms, both for the matrices only (projections and vocabulary); norms, biases, activations
+and the KV cache stay in the compute dtype:
+  * bfloat16 under float32 compute: the default on CPUs without native bf16 (shard/hardware.py), half
+    float32's bytes, multiplied by our kernel (shard/models/cpu_kernels.py).
+  * int8 (`--quantize int8`, TGI's `eetq` name accepted): one scale per output row, symmetric
+    (absmax / 127), a quarter of float32's bytes. Float32 rows go through our kernel, bfloat16 ones
+    (and CPUs without it) through ATen's `_weight_int8pack_mm`.
 """
 from __future__ import annotations
 
@@ -21,29 +23,27 @@ _LAYER_WEIGHTS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weights, bfloat16 scales): w ≈ q * scale[:, None]. The scales are in the kernel's
-    activation dtype: ATen's int8 kernel is fast with bfloat16 activations only (float32 ones took
-    4-15x longer, AVX2 host), so a float32 model hands it bfloat16 rows (llama.linear)."""
+    """(int8 weights, float32 scales): w ≈ q * scale[:, None]."""
     wf = w.float()
     scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
     q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale.to(torch.bfloat16)
+    return q, scale
 
 
-def _swap(module: nn.Module, name: str) -> None:
-    q, scale = quantize_rows(getattr(module, name))
-    setattr(module, name, nn.Parameter(q, requires_grad=False))
-    setattr(module, name + "_scale", nn.Parameter(scale, requires_grad=False))
+def _matrices(model: LlamaModel) -> list[tuple[nn.Module, str]]:
+    owners = [(layer, name) for layer in model.layers for name in _LAYER_WEIGHTS]
+    owners.append((model, "embed_tokens"))
+    if model.lm_head is not None:
+        owners.append((model, "lm_head"))
+    return owners
 
 
 def quantize_int8(model: LlamaModel) -> LlamaModel:
-    """In place; returns the model."""
+    """In place; returns the model. The scales are kept in the compute dtype."""
     if model.dtype == torch.float16:
         raise ValueError("--quantize int8 computes in bfloat16 or float32, not float16")
-    for layer in model.layers:
-        for name in _LAYER_WEIGHTS:
-            _swap(layer, name)
-    _swap(model, "embed_tokens")
-    if model.lm_head is not None:
-        _swap(model, "lm_head")
+    for module, name in _matrices(model):
+        q, scale = quantize_rows(getattr(module, name))
+        setattr(module, name, nn.Parameter(q, requires_grad=False))
+        setattr(module, name + "_scale", nn.Parameter(scale.to(model.dtype), requires_grad=False))
     return model

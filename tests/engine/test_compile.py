@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from shard import model_runner
 
 from shard.engine import Engine, EngineConfig
+from shard.models import cpu_kernels
 from shard.models.loader import load_model
 from shard.sampler import SamplingParams
 from shard.sequence import Sequence
@@ -48,10 +49,15 @@ def greedy(model, compile: bool) -> list[list[int]]:
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_compiled_decode_equals_eager(tiny_llama):
+@pytest.mark.parametrize("matrices", [torch.float32, torch.bfloat16])
+def test_compiled_decode_equals_eager(tiny_llama, matrices):
+    """float32 weights, and bfloat16 ones under float32 compute (the AVX2 default: our kernels, opaque
+    to inductor, inside the compiled graph)."""
     import torch._dynamo
 
-    model = load_model(ModelSource("tiny", tiny_llama), torch.float32)
+    if matrices == torch.bfloat16:
+        assert cpu_kernels.load()
+    model = load_model(ModelSource("tiny", tiny_llama), torch.float32, matrices=matrices)
     eager = greedy(model, compile=False)
     torch._dynamo.reset()
     counters.clear()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shard.hardware import choose_compile, choose_dtype
+from shard.hardware import choose_compile, choose_dtype, choose_matrices
 
 
 def test_bf16_only_where_the_cpu_has_native_bf16():
@@ -20,6 +20,14 @@ def test_an_explicit_dtype_wins_and_int8_computes_in_the_machines_dtype():
     assert choose_dtype("float32", "cpu", "int8", frozenset({"avx512_bf16"})) == "float32"
     with pytest.raises(ValueError, match="float16"):
         choose_dtype("float16", "cpu", "int8")
+
+
+def test_bf16_matrices_under_float32_compute_only_by_default_on_cpus_with_the_kernels():
+    assert choose_matrices("auto", "float32", "cpu", kernels=True) == "bfloat16"
+    assert choose_matrices("auto", "float32", "cpu", kernels=False) == "float32"
+    assert choose_matrices("float32", "float32", "cpu", kernels=True) == "float32"  # exact comparison
+    assert choose_matrices("auto", "bfloat16", "cpu", kernels=True) == "bfloat16"
+    assert choose_matrices("auto", "float32", "cuda:0", kernels=True) == "float32"
 
 
 def test_compile_defaults_to_the_background_on_one_cpu_shard():

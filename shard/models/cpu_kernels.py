@@ -1,0 +1,132 @@
+"""Our two CPU matmul kernels (cpu_linear.cpp): float32 rows times bfloat16 weights, and times int8
+weights with a float32 scale per row. Built with the machine's C++ compiler at first use, then cached.
+
+Why our own: a decode step reads every weight once, so at small batches its time is the bytes read,
+and on CPUs without native bf16 (AVX2) no library we have reads narrow weights at memory speed.
+Measured on the 2-core AVX2 host, SmolLM2-135M's 30 layers of projections (bench/RESULTS.md, session 22):
+
+  rows                      1         16        256
+  float32, MKL (ours)       21 ms     48 ms     371 ms
+  bfloat16, this kernel     10-12 ms  34 ms     378 ms
+  int8, this kernel         6 ms      38 ms     466 ms
+  int8, ATen _weight_int8pack_mm (bf16 rows)  11.4 ms at 1 row
+  bf16 -> float32 copy, then MKL              61 ms at 1 row
+
+So on such CPUs the default keeps weights in bfloat16 and computes in float32 (shard/hardware.py):
+half the bytes of float32, as fast as MKL's float32 for prompt chunks. Where the kernels cannot be
+built (no compiler, not x86 with AVX2 + FMA) the weights stay in the compute dtype, as before.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from shard.hardware import cpu_flags
+
+log = logging.getLogger("sluice.shard")
+
+SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+_loaded: bool | None = None
+
+
+def supported(flags: frozenset[str] | None = None) -> bool:
+    """The kernels' instructions: x86-64 with AVX2 and FMA."""
+    flags = cpu_flags() if flags is None else flags
+    return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= flags
+
+
+def _compile_command(output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    openmp = "OpenMP" in torch.__config__.parallel_info()
+    threads = ["-fopenmp", "-DAT_PARALLEL_OPENMP=1"] if openmp else ["-DAT_PARALLEL_NATIVE=1"]
+    return [
+        os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-std=c++17", "-w", "-shared", "-fPIC", *threads,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+        str(SOURCE), "-o", str(output),
+        *(f"-L{p}" for p in cpp_extension.library_paths()), "-ltorch_cpu", "-lc10",
+    ]
+
+
+def library_name() -> str:
+    """The built library's file name: changes with the source, torch and the build command."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+                         + " ".join(_compile_command(Path("out"))).encode()).hexdigest()[:16]
+    return f"cpu_linear-{key}.so"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SLUICE_CACHE", Path.home() / ".cache" / "sluice")) / "kernels"
+
+
+def build(directory: Path) -> Path:
+    """Compile into `directory` (~8 s on 2 cores). Written under a temporary name and renamed, so ranks
+    building at once never load a half-written file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / library_name()
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".so.part")
+    os.close(fd)
+    try:
+        done = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise OSError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def load() -> bool:
+    """Build if needed and load the kernels, once per process. False (and a log line saying why) where
+    they cannot run here: the model then keeps its weights in the compute dtype."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def _load() -> bool:
+    if not supported():
+        log.info("narrow-weight CPU kernels need x86-64 with AVX2 + FMA: weights stay in the compute dtype")
+        return False
+    # A library built into the package (container images: `python -m shard.models.cpu_kernels`), else the cache.
+    path = next((p for p in (SOURCE.parent / library_name(), _cache_dir() / library_name()) if p.exists()), None)
+    if path is None:
+        try:
+            path = build(_cache_dir())
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("could not build the narrow-weight CPU kernels, weights stay in the compute dtype: %s", e)
+            return False
+    torch.ops.load_library(str(path))
+    # Shapes for torch.compile, which traces the graph without running the kernels.
+    torch.library.register_fake("sluice::linear_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("sluice::linear_int8")(lambda x, w, scale: x.new_empty(x.shape[0], w.shape[0]))
+    return True
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether x @ w.T runs in the kernels: float32 rows [M, K] on the CPU, K a multiple of 8, and
+    weights in bfloat16 or int8."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] % 8 == 0
+            and w.dtype in (torch.bfloat16, torch.int8) and bool(_loaded))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x @ (w * scale[:, None]).T; `scale` (float32) with int8 weights only. Check `applies` first."""
+    if scale is None:
+        return torch.ops.sluice.linear_bf16(x, w)
+    return torch.ops.sluice.linear_int8(x, w, scale)
+
+
+if __name__ == "__main__":
+    # Container images build the library into the package at image build time, where a compiler is.
+    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else SOURCE.parent))

@@ -1,0 +1,157 @@
+// y = x @ w.T for float32 rows x [M, K] and narrow weights w [N, K]: bfloat16, or int8 with one float32
+// scale per row. x86 with AVX2 + FMA; K a multiple of 8. Built and loaded by shard/models/cpu_kernels.py,
+// which says why these exist (MKL has no fast path for either on AVX2) and what they measured.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace {
+
+// The largest row count served weight row by weight row (below); past it, register tiles were faster.
+constexpr int64_t kStreamRows = 8;
+
+inline __m256 widen(const c10::BFloat16* p) {
+  // bfloat16 is float32's upper half: zero-extend to 32 bits and shift into place.
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 widen(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Few input rows (decode steps): memory-bound, so the weights are read as one sequential stream, a whole
+// row at a time (the hardware prefetcher's best case: eight rows read side by side took ~25% longer),
+// with four accumulators per input row to keep the FMA units busy.
+template <int MB, typename W>
+inline void stream_row(const float* x, const W* w, const float* scale, float* y, int64_t N, int64_t K, int64_t n) {
+  const W* wn = w + n * K;
+  __m256 acc[MB][4];
+  for (int m = 0; m < MB; m++)
+    for (int u = 0; u < 4; u++) acc[m][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    // ~1 KiB ahead of the stream: 5-15% faster than the hardware prefetcher alone (AVX2 host).
+    _mm_prefetch(reinterpret_cast<const char*>(wn + k) + 1024, _MM_HINT_T0);
+    for (int u = 0; u < 4; u++) {
+      __m256 wv = widen(wn + k + 8 * u);
+      for (int m = 0; m < MB; m++)
+        acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
+    }
+  }
+  for (; k < K; k += 8) {
+    __m256 wv = widen(wn + k);
+    for (int m = 0; m < MB; m++) acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+  }
+  const float s = scale ? scale[n] : 1.0f;
+  for (int m = 0; m < MB; m++)
+    y[m * N + n] = sum8(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]))) * s;
+}
+
+// Many input rows (prompt chunks, large batches): compute-bound, so MB x NB accumulators stay in
+// registers and each widened weight vector serves MB rows.
+template <int MB, int NB, typename W>
+inline void tile(const float* x, const W* w, const float* scale, float* y, int64_t N, int64_t K, int64_t n) {
+  __m256 acc[MB][NB];
+  for (int m = 0; m < MB; m++)
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm256_setzero_ps();
+  const W* wn = w + n * K;
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int j = 0; j < NB; j++) {
+      __m256 wv = widen(wn + j * K + k);
+      for (int m = 0; m < MB; m++) acc[m][j] = _mm256_fmadd_ps(wv, xv[m], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MB; m++)
+    for (int j = 0; j < NB; j++) y[m * N + n + j] = sum8(acc[m][j]) * (scale ? scale[n + j] : 1.0f);
+}
+
+// Output columns [n0, n1) of every row: one thread's share.
+template <typename W>
+void columns(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
+             int64_t n0, int64_t n1) {
+  if (M <= kStreamRows) {
+    for (int64_t n = n0; n < n1; n++) {
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) stream_row<3>(x + m * K, w, scale, y + m * N, N, K, n);
+      if (M - m == 2) stream_row<2>(x + m * K, w, scale, y + m * N, N, K, n);
+      if (M - m == 1) stream_row<1>(x + m * K, w, scale, y + m * N, N, K, n);
+    }
+    return;
+  }
+  // Blocks of input rows small enough (~96 KiB) to stay in L2 while every weight tile passes over them:
+  // without them 256 rows took twice as long.
+  const int64_t block = std::max<int64_t>(3, 96 * 1024 / (K * 4) / 3 * 3);
+  for (int64_t mb = 0; mb < M; mb += block) {
+    const int64_t me = std::min(M, mb + block);
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+      int64_t m = mb;
+      for (; m + 3 <= me; m += 3) tile<3, 4>(x + m * K, w, scale, y + m * N, N, K, n);
+      if (me - m == 2) tile<2, 4>(x + m * K, w, scale, y + m * N, N, K, n);
+      if (me - m == 1) tile<1, 4>(x + m * K, w, scale, y + m * N, N, K, n);
+    }
+    for (; n < n1; n++)
+      for (int64_t m = mb; m < me; m++) tile<1, 1>(x + m * K, w, scale, y + m * N, N, K, n);
+  }
+}
+
+at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const float* scale) {
+  TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2 && x_in.size(1) == w.size(1), "x [M, K] and w [N, K]");
+  TORCH_CHECK(x_in.size(1) % 8 == 0, "K must be a multiple of 8");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device().is_cpu() && w.is_contiguous(),
+              "float32 rows on the CPU and contiguous weights");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // One contiguous share of whole 4-column tiles per thread.
+  const int64_t grain = std::max<int64_t>(4, (N / at::get_num_threads() + 3) / 4 * 4);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (w.scalar_type() == at::kBFloat16)
+      columns(xp, w.const_data_ptr<c10::BFloat16>(), scale, yp, M, N, K, n0, n1);
+    else
+      columns(xp, w.const_data_ptr<int8_t>(), scale, yp, M, N, K, n0, n1);
+  });
+  return y;
+}
+
+at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bfloat16 weights");
+  return run(x, w, nullptr);
+}
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == w.size(0) &&
+                  scale.is_contiguous(),
+              "int8 weights with one float32 scale per row");
+  return run(x, w, scale.const_data_ptr<float>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sluice, m) {
+  m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sluice, CPU, m) {
+  m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_int8", &linear_int8);
+}

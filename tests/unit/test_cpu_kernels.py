@@ -1,0 +1,79 @@
+"""Our narrow-weight CPU kernels (shard/models/cpu_kernels.py) against float32 matmuls of the same
+weights, over the row counts where they switch method (one weight row at a time up to 8 rows, register
+tiles past it, L2-sized row blocks past ~48), odd column counts and both thread counts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard.models import cpu_kernels
+from shard.models.llama import linear
+from shard.models.quantize import quantize_rows
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.supported(), reason="the kernels are for x86-64 with AVX2 + FMA")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert cpu_kernels.load(), "the kernels did not build: see the log for the compiler's message"
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    out = x.double() @ w.double().t()
+    return (out if scale is None else out * scale.double()).float()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 16, 50, 130])
+@pytest.mark.parametrize("n, k", [(1, 8), (7, 64), (100, 576), (36, 1544)])
+def test_bf16_weights_match_float32_math(threads, rows, n, k):
+    torch.manual_seed(rows * 1000 + n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w = torch.randn(rows, k), torch.randn(n, k).bfloat16()
+        got = cpu_kernels.linear(x, w, None)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference(x, w), rtol=1e-4, atol=1e-4 * k**0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_int8_weights_apply_their_row_scales(rows):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 576)
+    q, scale = quantize_rows(torch.randn(300, 576) * torch.linspace(0.01, 2, 300)[:, None])
+    torch.testing.assert_close(cpu_kernels.linear(x, q, scale), reference(x, q, scale), rtol=1e-4, atol=1e-4)
+
+
+def test_strided_rows_are_read_as_their_values():
+    x = torch.randn(16, 4).t()  # [4, 16], column-major
+    w = torch.randn(10, 16).bfloat16()
+    torch.testing.assert_close(cpu_kernels.linear(x, w, None), reference(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_shapes_are_refused_not_read_out_of_bounds():
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cpu_kernels.linear(torch.randn(2, 12), torch.randn(4, 12).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="one float32 scale per row"):
+        cpu_kernels.linear(torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), torch.ones(3))
+
+
+def test_the_model_sends_what_the_kernels_cannot_take_elsewhere():
+    """llama.linear: the kernels for float32 rows with narrow weights, F.linear of a widened copy where
+    K is not a multiple of 8, and float32 weights never reach the kernels."""
+    x = torch.randn(3, 12)
+    w = torch.randn(5, 12).bfloat16()
+    assert not cpu_kernels.applies(x, w)
+    torch.testing.assert_close(linear(x, w, None), reference(x, w), rtol=1e-4, atol=1e-4)
+    assert not cpu_kernels.applies(torch.randn(3, 16), torch.randn(5, 16))
+    assert not cpu_kernels.applies(torch.randn(3, 16).bfloat16(), torch.randn(5, 16).bfloat16())
+    assert cpu_kernels.applies(torch.randn(3, 16), torch.randn(5, 16).bfloat16())
+
+
+def test_compiled_graphs_call_the_kernels():
+    w = torch.randn(24, 64).bfloat16()
+    x = torch.randn(2, 64)
+    compiled = torch.compile(lambda x: torch.relu(linear(x, w, None)), fullgraph=True)
+    torch.testing.assert_close(compiled(x), torch.relu(reference(x, w)), rtol=1e-4, atol=1e-4)
