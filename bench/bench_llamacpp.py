@@ -1,7 +1,7 @@
 """Sluice vs llama.cpp's `llama-server` on the same GGUF, on this CPU, with one load generator.
 
     python bench/bench_llamacpp.py [--concurrency 1 16 64] [--requests N] [--prompt-tokens 128]
-        [--output-tokens 128] [--long-prompt-tokens 1500] [--prefix-tokens 1000]
+        [--output-tokens 128] [--long-prompt-tokens 1500] [--prefix-tokens 1000]  (0: skip that scenario)
         [--formats Q4_1 Q8_0 BF16] [--sluice-flags "--dtype float32" --sluice-flags "--dtype bfloat16"]
         [--llama-server PATH] [--llama-quantize PATH] [--skip-llamacpp] [--skip-sluice] [--json OUT]
 
@@ -371,13 +371,14 @@ def measure(url: str, args: argparse.Namespace, seed: int) -> dict[str, dict]:
             prompts = [make_prompt(rng, args.prompt_tokens) for _ in range(n)]
             scenarios[f"c={c}"] = summarize(*loop.run_until_complete(drive(url, prompts, c, args.output_tokens)))
             print(f"    c={c}: {fmt_brief(scenarios[f'c={c}'])}", flush=True)
-        n = args.requests or 8
-        prompts = [make_prompt(rng, args.long_prompt_tokens) for _ in range(n)]
-        scenarios["long c=4"] = summarize(*loop.run_until_complete(drive(url, prompts, 4, args.output_tokens)))
-        print(f"    long c=4: {fmt_brief(scenarios['long c=4'])}", flush=True)
-        scenarios["prefix"] = loop.run_until_complete(
-            shared_prefix(url, rng, args.prefix_tokens, args.prompt_tokens // 4 or 8, args.output_tokens))
-        print(f"    prefix: {scenarios['prefix']}", flush=True)
+        if args.long_prompt_tokens:  # 0: skipped
+            prompts = [make_prompt(rng, args.long_prompt_tokens) for _ in range(args.requests or 8)]
+            scenarios["long c=4"] = summarize(*loop.run_until_complete(drive(url, prompts, 4, args.output_tokens)))
+            print(f"    long c=4: {fmt_brief(scenarios['long c=4'])}", flush=True)
+        if args.prefix_tokens:  # 0: skipped
+            scenarios["prefix"] = loop.run_until_complete(
+                shared_prefix(url, rng, args.prefix_tokens, args.prompt_tokens // 4 or 8, args.output_tokens))
+            print(f"    prefix: {scenarios['prefix']}", flush=True)
         return scenarios
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
