@@ -33,7 +33,8 @@ from shard.hardware import cpu_flags
 
 log = logging.getLogger("sluice.shard")
 
-SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_attention.cpp")]
+PACKAGE_DIR = SOURCES[0].parent
 _loaded: bool | None = None
 
 
@@ -52,16 +53,16 @@ def _compile_command(output: Path) -> list[str]:
         os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-std=c++17", "-w", "-shared", "-fPIC", *threads,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
-        str(SOURCE), "-o", str(output),
+        *map(str, SOURCES), "-o", str(output),
         *(f"-L{p}" for p in cpp_extension.library_paths()), "-ltorch_cpu", "-lc10",
     ]
 
 
 def library_name() -> str:
     """The built library's file name: changes with the source, torch and the build command."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
                          + " ".join(_compile_command(Path("out"))).encode()).hexdigest()[:16]
-    return f"cpu_linear-{key}.so"
+    return f"cpu_kernels-{key}.so"
 
 
 def _cache_dir() -> Path:
@@ -78,7 +79,7 @@ def build(directory: Path) -> Path:
     try:
         done = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True, timeout=600)
         if done.returncode:
-            raise OSError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+            raise OSError(f"compiling the CPU kernels failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -99,7 +100,7 @@ def _load() -> bool:
         log.info("narrow-weight CPU kernels need x86-64 with AVX2 + FMA: weights stay in the compute dtype")
         return False
     # A library built into the package (container images: `python -m shard.models.cpu_kernels`), else the cache.
-    path = next((p for p in (SOURCE.parent / library_name(), _cache_dir() / library_name()) if p.exists()), None)
+    path = next((p for p in (PACKAGE_DIR / library_name(), _cache_dir() / library_name()) if p.exists()), None)
     if path is None:
         try:
             path = build(_cache_dir())
@@ -110,6 +111,8 @@ def _load() -> bool:
     # Shapes for torch.compile, which traces the graph without running the kernels.
     torch.library.register_fake("sluice::linear_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("sluice::linear_int8")(lambda x, w, scale: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("sluice::decode_attention")(
+        lambda q, k_cache, v_cache, kv_slots, mask, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
     return True
 
 
@@ -118,6 +121,20 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     weights in bfloat16 or int8."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] % 8 == 0
             and w.dtype in (torch.bfloat16, torch.int8) and bool(_loaded))
+
+
+def attention_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode attention runs in the kernel: float32 queries and caches on the CPU, head size a
+    multiple of 8."""
+    return (q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
+            and q.shape[-1] % 8 == 0 and bool(_loaded))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence [B, hq, d] against its context rows (kv_slots [B, L], mask [B, 1, L]) of
+    the paged caches [slots, hkv, d] -> [B, hq * d]. Check `attention_applies` first."""
+    return torch.ops.sluice.decode_attention(q, k_cache, v_cache, kv_slots, mask, scale)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -129,4 +146,4 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torc
 
 if __name__ == "__main__":
     # Container images build the library into the package at image build time, where a compiler is.
-    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else SOURCE.parent))
+    print(build(Path(sys.argv[1]) if len(sys.argv) > 1 else PACKAGE_DIR))

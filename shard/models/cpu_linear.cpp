@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -62,23 +63,28 @@ inline void stream_row(const float* x, const W* w, const float* scale, float* y,
 }
 
 // Many input rows (prompt chunks, large batches): compute-bound, so MB x NB accumulators stay in
-// registers and each widened weight vector serves MB rows.
-template <int MB, int NB, typename W>
-inline void tile(const float* x, const W* w, const float* scale, float* y, int64_t N, int64_t K, int64_t n) {
+// registers and each weight vector serves MB rows. The NB weight rows come widened to float32 (once
+// per strip and row block), so the inner loop is loads and FMAs only: int8 at 256 rows 466 -> 346 ms.
+template <int MB, int NB>
+inline void tile_f32(const float* x, const float* wb, const float* scale, float* y, int64_t N, int64_t K, int64_t n) {
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; m++)
     for (int j = 0; j < NB; j++) acc[m][j] = _mm256_setzero_ps();
-  const W* wn = w + n * K;
   for (int64_t k = 0; k < K; k += 8) {
     __m256 xv[MB];
     for (int m = 0; m < MB; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int j = 0; j < NB; j++) {
-      __m256 wv = widen(wn + j * K + k);
+      __m256 wv = _mm256_loadu_ps(wb + j * K + k);
       for (int m = 0; m < MB; m++) acc[m][j] = _mm256_fmadd_ps(wv, xv[m], acc[m][j]);
     }
   }
   for (int m = 0; m < MB; m++)
     for (int j = 0; j < NB; j++) y[m * N + n + j] = sum8(acc[m][j]) * (scale ? scale[n + j] : 1.0f);
+}
+
+template <typename W>
+void widen_rows(const W* w, float* out, int64_t rows, int64_t K) {
+  for (int64_t i = 0; i < rows * K; i += 8) _mm256_storeu_ps(out + i, widen(w + i));
 }
 
 // Output columns [n0, n1) of every row: one thread's share.
@@ -97,17 +103,20 @@ void columns(const float* x, const W* w, const float* scale, float* y, int64_t M
   // Blocks of input rows small enough (~96 KiB) to stay in L2 while every weight tile passes over them:
   // without them 256 rows took twice as long.
   const int64_t block = std::max<int64_t>(3, 96 * 1024 / (K * 4) / 3 * 3);
+  std::vector<float> strip(4 * K);
   for (int64_t mb = 0; mb < M; mb += block) {
     const int64_t me = std::min(M, mb + block);
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
+      widen_rows(w + n * K, strip.data(), 4, K);
+      // Threes, ending 2 + 2 rather than 3 + 1 (a one-row tile does a quarter of the work per load).
       int64_t m = mb;
-      for (; m + 3 <= me; m += 3) tile<3, 4>(x + m * K, w, scale, y + m * N, N, K, n);
-      if (me - m == 2) tile<2, 4>(x + m * K, w, scale, y + m * N, N, K, n);
-      if (me - m == 1) tile<1, 4>(x + m * K, w, scale, y + m * N, N, K, n);
+      for (; me - m >= 3 && me - m != 4; m += 3) tile_f32<3, 4>(x + m * K, strip.data(), scale, y + m * N, N, K, n);
+      for (; me - m >= 2; m += 2) tile_f32<2, 4>(x + m * K, strip.data(), scale, y + m * N, N, K, n);
+      if (me - m == 1) tile_f32<1, 4>(x + m * K, strip.data(), scale, y + m * N, N, K, n);
     }
     for (; n < n1; n++)
-      for (int64_t m = mb; m < me; m++) tile<1, 1>(x + m * K, w, scale, y + m * N, N, K, n);
+      for (int64_t m = mb; m < me; m++) stream_row<1>(x + m * K, w, scale, y + m * N, N, K, n);
   }
 }
 

@@ -215,6 +215,9 @@ def decode_attention(q, k_cache, v_cache, kv_slots, mask, scale: float) -> torch
     """One query per sequence ([B, hq, d]) against its context in the paged cache: the contexts
     differ in length, so they are padded to the longest and masked. Each KV head serves its g
     query heads without repeating K/V."""
+    if cpu_kernels.attention_applies(q, k_cache):
+        # float32 on the CPU: our kernel reads each context row in place (shard/models/cpu_kernels.py).
+        return cpu_kernels.decode_attention(q, k_cache, v_cache, kv_slots, mask, scale)
     B, L = kv_slots.shape
     hq, d = q.shape[1:]
     hkv = k_cache.shape[1]

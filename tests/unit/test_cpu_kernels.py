@@ -77,3 +77,28 @@ def test_compiled_graphs_call_the_kernels():
     x = torch.randn(2, 64)
     compiled = torch.compile(lambda x: torch.relu(linear(x, w, None)), fullgraph=True)
     torch.testing.assert_close(compiled(x), torch.relu(reference(x, w)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (4, 4, 32), (8, 2, 16)])
+def test_decode_attention_matches_the_gathered_softmax(hq, hkv, d):
+    """Contexts of different lengths in a shared paged cache (padded slots masked off), including a row
+    with a single position; against the eager path's gathered batched matmuls."""
+    torch.manual_seed(hq * d)
+    B, L, S = 5, 37, 300
+    k_cache, v_cache = torch.randn(S, hkv, d), torch.randn(S, hkv, d)
+    q = torch.randn(B, hq, d)
+    lengths = torch.tensor([37, 1, 20, 9, 33])
+    kv_slots = torch.randint(0, S, (B, L))
+    mask = (torch.arange(L) < lengths[:, None]).unsqueeze(1)
+    kv_slots[~mask[:, 0]] = 0  # padding points at slot 0, as the engine's does
+    got = cpu_kernels.decode_attention(q, k_cache, v_cache, kv_slots, mask, d**-0.5)
+    keys, values = k_cache[kv_slots].permute(0, 2, 3, 1), v_cache[kv_slots].transpose(1, 2)
+    scores = (torch.matmul(q.view(B, hkv, hq // hkv, d).double(), keys.double()) * d**-0.5).masked_fill(~mask[:, None], float("-inf"))
+    want = torch.matmul(torch.softmax(scores, -1), values.double()).reshape(B, hq * d).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_slots_outside_the_cache():
+    k = torch.randn(10, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.decode_attention(torch.randn(1, 1, 8), k, k, torch.tensor([[3, 10]]), torch.ones(1, 1, 2, dtype=torch.bool), 1.0)
