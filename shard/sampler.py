@@ -64,7 +64,9 @@ def sample(
             apply_penalties(logits[i], histories[i], p)
     temps = torch.tensor([p.temperature if p.do_sample else 1.0 for p in params]).unsqueeze(1)
     scaled = logits / temps
-    logprobs = torch.log_softmax(scaled, dim=-1)
+    # The chosen token's logprob is its logit minus the row's logsumexp: the whole log_softmax only
+    # for rows that return top tokens (it writes a vocabulary-sized row each).
+    lse = torch.logsumexp(scaled, dim=-1)
     chosen = scaled.argmax(dim=-1)
 
     rows = [i for i, p in enumerate(params) if p.do_sample]
@@ -82,9 +84,9 @@ def sample(
         tok = int(chosen[i])
         top: list[tuple[int, float]] = []
         if top_n[i]:
-            vals, ids = logprobs[i].topk(top_n[i])
+            vals, ids = (scaled[i] - lse[i]).topk(top_n[i])
             top = list(zip(ids.tolist(), vals.tolist()))
-        out.append(Sampled(tok, float(logprobs[i, tok]), top))
+        out.append(Sampled(tok, float(scaled[i, tok] - lse[i]), top))
     return out
 
 

@@ -78,8 +78,14 @@ inline void tile_f32(const float* x, const float* wb, const float* scale, float*
       for (int m = 0; m < MB; m++) acc[m][j] = _mm256_fmadd_ps(wv, xv[m], acc[m][j]);
     }
   }
-  for (int m = 0; m < MB; m++)
-    for (int j = 0; j < NB; j++) y[m * N + n + j] = sum8(acc[m][j]) * (scale ? scale[n + j] : 1.0f);
+  // Each row's four sums reduced together and stored as one vector.
+  static_assert(NB == 4, "four weight rows per strip");
+  for (int m = 0; m < MB; m++) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[m][0], acc[m][1]), _mm256_hadd_ps(acc[m][2], acc[m][3]));
+    __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    if (scale) sums = _mm_mul_ps(sums, _mm_loadu_ps(scale + n));
+    _mm_storeu_ps(y + m * N + n, sums);
+  }
 }
 
 template <typename W>
