@@ -1,7 +1,7 @@
 """What constrained decoding costs: inter-token latency with a json_schema response format and with a
 forced tool call, against the same chat requests unconstrained, on one `sluice serve`.
 
-    python bench/bench_constrained.py [--concurrency 1 16] [--requests N] [--max-tokens 128] [--sluice-flags ""]
+    python bench/bench_constrained.py [--concurrency 1 16] [--requests N] [--max-tokens 128] [--sluice-flags="--quantize int8"]
 
 NEVER run it while anything else runs on the machine. The server is started as bench_llamacpp.py starts
 it (and measured once it has switched to its compiled graphs). Each scenario sends streaming
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llamacpp import CACHE, Result, free_port, limits, pct, serving, sluice_cmd  # noqa: E402
+from bench_llamacpp import CACHE, Result, free_port, limits, pct, serving, sluice_cmd, stream_events  # noqa: E402
 
 ITEMS = {"type": "array", "items": {"type": "string"}, "minItems": 40}
 SCHEMA = {"type": "object", "properties": {"fruits": ITEMS}, "required": ["fruits"]}
@@ -48,24 +47,14 @@ async def one_request(client: httpx.AsyncClient, url: str, i: int, extra: dict, 
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     res = Result(start=time.perf_counter())
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    res.error = str(event["error"])[:200]
-                    return res
-                for choice in event.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    calls = delta.get("tool_calls") or []
-                    if delta.get("content") or any((c.get("function") or {}).get("arguments") for c in calls):
-                        res.stamps.append(time.perf_counter())
-                if event.get("usage"):
-                    res.output_tokens = event["usage"].get("completion_tokens") or 0
+        async for event in stream_events(client, url + "/v1/chat/completions", body, res):
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                calls = delta.get("tool_calls") or []
+                if delta.get("content") or any((c.get("function") or {}).get("arguments") for c in calls):
+                    res.stamps.append(time.perf_counter())
+            if event.get("usage"):
+                res.output_tokens = event["usage"].get("completion_tokens") or 0
     except httpx.HTTPError as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     return res

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,31 +265,36 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     res = Result(start=time.perf_counter())
     chunks = 0
     try:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    continue  # read to the end of the body: a break would leave the stream half-closed
-                event = json.loads(data)
-                if "error" in event:
-                    res.error = str(event["error"])[:200]
-                    return res
-                if any(c.get("text") for c in event.get("choices") or []):
-                    res.stamps.append(time.perf_counter())
-                    chunks += 1
-                usage = event.get("usage")
-                if usage:
-                    res.output_tokens = usage.get("completion_tokens") or 0
-                    res.prompt_tokens = usage.get("prompt_tokens")
+        async for event in stream_events(client, url + "/v1/completions", body, res):
+            if any(c.get("text") for c in event.get("choices") or []):
+                res.stamps.append(time.perf_counter())
+                chunks += 1
+            usage = event.get("usage")
+            if usage:
+                res.output_tokens = usage.get("completion_tokens") or 0
+                res.prompt_tokens = usage.get("prompt_tokens")
     except httpx.HTTPError as exc:
         res.error = f"{type(exc).__name__}: {exc}"
     res.output_tokens = res.output_tokens or chunks
     return res
+
+
+async def stream_events(client: httpx.AsyncClient, url: str, body: dict, res: Result) -> AsyncIterator[dict]:
+    """The JSON events of one streaming POST, until the end of the body; a refusal or an error event
+    ends it with `res.error` set."""
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            return
+        async for line in r.aiter_lines():
+            data = line[5:].strip() if line.startswith("data:") else "[DONE]"
+            if data == "[DONE]":
+                continue  # read to the end of the body: a break would leave the stream half-closed
+            event = json.loads(data)
+            if "error" in event:
+                res.error = str(event["error"])[:200]
+                return
+            yield event
 
 
 def limits(concurrency: int) -> httpx.Limits:
