@@ -88,7 +88,7 @@ def layer_groups(model: LlamaModel, per_group: int) -> list[LayerGroup]:
 CPP_WRAPPER = True
 
 
-def configure_inductor() -> None:
+def configure_inductor(model: LlamaModel) -> None:
     """Inductor's settings for the decode graphs, in the calling thread: inductor's config is
     thread-local (torch 2.13), and graphs compile in whichever thread first runs them (the background
     compile's own, see ModelRunner.warm_up). Set only in the engine's thread, the background compile
@@ -96,9 +96,12 @@ def configure_inductor() -> None:
     import torch._inductor.config
 
     # Freezing makes the weights constants that inductor packs once for the CPU matmul libraries:
-    # 1.2x over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4).
+    # 1.2x over eager without it, 1.6x with it (SmolLM2 bf16, batch 1-4). Only where the libraries do
+    # the matmuls: narrow weights go to our own kernels (shard/models/cpu_kernels.py), where freezing
+    # gained nothing (batch 16: 61.2 ms frozen, 60.2 not) and cost the restart its compiled-graph cache:
+    # inductor compiled again for 29 s where the unfrozen graphs came from its cache in 9.7 s.
     # torch.compile(options={"freezing": True}) was silently ignored (torch 2.13).
-    torch._inductor.config.freezing = True
+    torch._inductor.config.freezing = model.layers[0].qkv_proj.dtype == model.dtype
     torch._inductor.config.cpp_wrapper = CPP_WRAPPER
 
 
@@ -112,7 +115,7 @@ def compile_decode(model: LlamaModel) -> list[LayerGroup]:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)
 
-    configure_inductor()  # in the engine's thread too, where a graph whose guards fail later recompiles
+    configure_inductor(model)  # in the engine's thread too, where a graph whose guards fail later recompiles
     groups = layer_groups(model, LAYERS_PER_COMPILED_GROUP)
     # The groups share one function's code, and dynamo's limit on graphs per code (8) would send a
     # deep model's later groups back to eager: room for both graphs of every group.
@@ -141,7 +144,7 @@ class ModelRunner:
         manager never hands out, so this may run in a thread of its own while the engine serves."""
         if self._compiler is None:
             return
-        configure_inductor()
+        configure_inductor(self.model)
         if background:
             # Serving comes first: the lowest CPU priority for this thread (Linux nices threads one
             # by one), and inductor's kernel compiles in this process instead of a worker per core.

@@ -173,3 +173,16 @@ def test_compile_flag(monkeypatch):
     assert build_parser().parse_args(["serve"]).compile
     with pytest.raises(SystemExit, match="--num-shard 1 only"):
         main(["serve", "--num-shard", "2", "--port", "0"])
+
+
+def test_freezing_only_where_the_matmul_libraries_take_the_weights(tiny_llama):
+    """Frozen weights are packed for MKL/oneDNN; narrow ones go to our kernels, and unfrozen graphs
+    come from inductor's cache on a restart."""
+    import torch._inductor.config
+
+    source = ModelSource("tiny", tiny_llama)
+    for matrices, frozen in ((torch.float32, True), (torch.bfloat16, False)):
+        model_runner.configure_inductor(load_model(source, torch.float32, matrices=matrices))
+        assert torch._inductor.config.freezing is frozen
+    model_runner.configure_inductor(load_model(source, torch.float32, quantize="int8"))
+    assert torch._inductor.config.freezing is False
