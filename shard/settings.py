@@ -18,7 +18,8 @@ class ShardSettings:
                           help="where to serve gRPC: unix:///path.sock or host:port (beyond localhost needs --allow-remote)")
     dtype: str = option("auto", env="DTYPE", choices=DTYPES,
                         help="auto: bfloat16 on GPUs and on CPUs with native bf16 (avx512_bf16 or AMX), "
-                             "else float32 (shard/hardware.py)")
+                             "else float32 compute with the weight matrices stored in bfloat16 where our AVX2 "
+                             "kernels build (shard/hardware.py); float32: float32 weights too (exact)")
     quantize: str | None = option(None, env="QUANTIZE", choices=("int8", "eetq"),
                                   help="int8 weight-only projections and vocabulary (eetq: TGI's name for it), "
                                        "computed in the --dtype: a quarter of float32's bytes per decode step")

@@ -1,5 +1,7 @@
-"""Our two CPU matmul kernels (cpu_linear.cpp): float32 rows times bfloat16 weights, and times int8
-weights with a float32 scale per row. Built with the machine's C++ compiler at first use, then cached.
+"""Our CPU kernels, built with the machine's C++ compiler at first use, then cached:
+  * cpu_linear.cpp: float32 rows times bfloat16 weights, and times int8 weights with a float32 scale
+    per row;
+  * cpu_attention.cpp: decode attention over float32 paged KV caches, read in place.
 
 Why our own: a decode step reads every weight once, so at small batches its time is the bytes read,
 and on CPUs without native bf16 (AVX2) no library we have reads narrow weights at memory speed.
@@ -7,14 +9,16 @@ Measured on the 2-core AVX2 host, SmolLM2-135M's 30 layers of projections (bench
 
   rows                      1         16        256
   float32, MKL (ours)       21 ms     48 ms     371 ms
-  bfloat16, this kernel     10-12 ms  34 ms     378 ms
-  int8, this kernel         6 ms      38 ms     466 ms
+  bfloat16, this kernel     8-10 ms   34 ms     344 ms
+  int8, this kernel         5-6 ms    31 ms     346 ms
   int8, ATen _weight_int8pack_mm (bf16 rows)  11.4 ms at 1 row
   bf16 -> float32 copy, then MKL              61 ms at 1 row
 
 So on such CPUs the default keeps weights in bfloat16 and computes in float32 (shard/hardware.py):
-half the bytes of float32, as fast as MKL's float32 for prompt chunks. Where the kernels cannot be
-built (no compiler, not x86 with AVX2 + FMA) the weights stay in the compute dtype, as before.
+half the bytes of float32, as fast as MKL's float32 for prompt chunks. Decode attention: inductor's
+fused gather-and-reduce cost 13 ms a step for context 20 -> 200 at batch 16, the kernel 7 ms. Where the
+kernels cannot be built (no compiler, not x86 with AVX2 + FMA) the weights stay in the compute dtype
+and attention runs in PyTorch, as before.
 """
 from __future__ import annotations
 
