@@ -84,6 +84,9 @@ def build(directory: Path) -> Path:
         done = subprocess.run(_compile_command(Path(tmp)), capture_output=True, text=True, timeout=600)
         if done.returncode:
             raise OSError(f"compiling the CPU kernels failed: {done.stderr.strip()[-2000:]}")
+        # mkstemp's file is private (0600, and the linker kept that): an image built as root and run
+        # as another user could not load it.
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -111,7 +114,11 @@ def _load() -> bool:
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("could not build the narrow-weight CPU kernels, weights stay in the compute dtype: %s", e)
             return False
-    torch.ops.load_library(str(path))
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("could not load the narrow-weight CPU kernels (%s), weights stay in the compute dtype: %s", path, e)
+        return False
     # Shapes for torch.compile, which traces the graph without running the kernels.
     torch.library.register_fake("sluice::linear_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("sluice::linear_int8")(lambda x, w, scale: x.new_empty(x.shape[0], w.shape[0]))

@@ -102,3 +102,18 @@ def test_decode_attention_refuses_slots_outside_the_cache():
     k = torch.randn(10, 1, 8)
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpu_kernels.decode_attention(torch.randn(1, 1, 8), k, k, torch.tensor([[3, 10]]), torch.ones(1, 1, 2, dtype=torch.bool), 1.0)
+
+
+def test_a_built_library_is_readable_by_other_users(tmp_path):
+    """Images build the library as root and run the shard as another user."""
+    built = cpu_kernels.build(tmp_path)
+    assert built.stat().st_mode & 0o044 == 0o044
+
+
+def test_a_library_that_does_not_load_leaves_the_weights_alone(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setattr(cpu_kernels, "PACKAGE_DIR", tmp_path)
+    monkeypatch.setattr(cpu_kernels, "_cache_dir", lambda: tmp_path)
+    (tmp_path / cpu_kernels.library_name()).write_bytes(b"not a library")
+    assert cpu_kernels.load() is False
+    assert "could not load" in caplog.text
