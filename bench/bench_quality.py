@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_compile import greedy  # noqa: E402
 from bench_llamacpp import CACHE, free_port, gguf_formats, llamacpp_cmd, llamacpp_tools, serving  # noqa: E402
 from shard.engine import Engine, EngineConfig  # noqa: E402
 from shard.models import cpu_kernels  # noqa: E402
@@ -60,23 +61,16 @@ PASSAGE = (
 )
 
 
-def engine_for(model) -> Engine:
-    return Engine(model, EngineConfig(max_batch_total_tokens=8192), eos_token_ids=[])
+# Room for all of a run's prefixes at once.
+TOTAL_TOKENS = 8192
 
 
 def continue_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    engine = engine_for(model)
-    outs: list[list[int]] = [[] for _ in prompts]
-    for i, ids in enumerate(prompts):
-        engine.scheduler.waiting.append(Sequence(str(i), ids, SamplingParams(), new,
-                                                 lambda kind, v, i=i: outs[i].append(v.token_id)))
-    while engine.scheduler.running or engine.scheduler.waiting:
-        engine.step()
-    return outs
+    return greedy(model, False, prompts, new, TOTAL_TOKENS)
 
 
 def perplexity(model, ids: list[int]) -> float:
-    engine = engine_for(model)
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=TOTAL_TOKENS), eos_token_ids=[])
     seq = Sequence("passage", ids, SamplingParams(), 1, lambda *_: None, prompt_logprobs=True)
     engine.scheduler.waiting.append(seq)
     while engine.scheduler.running or engine.scheduler.waiting:

@@ -107,7 +107,8 @@ def _load() -> bool:
         log.info("narrow-weight CPU kernels need x86-64 with AVX2 + FMA: weights stay in the compute dtype")
         return False
     # A library built into the package (container images: `python -m shard.models.cpu_kernels`), else the cache.
-    path = next((p for p in (PACKAGE_DIR / library_name(), _cache_dir() / library_name()) if p.exists()), None)
+    name = library_name()
+    path = next((p for p in (PACKAGE_DIR / name, _cache_dir() / name) if p.exists()), None)
     if path is None:
         try:
             path = build(_cache_dir())
