@@ -57,9 +57,11 @@ def decode_steps(engine: Engine, batch: int, steps: int, prompt_len: int) -> tup
     return times[False], times[True]
 
 
-def greedy(model, compile: bool, prompts: list[list[int]], new: int, total_tokens: int = 2048) -> list[list[int]]:
+def greedy(model, compile: bool, prompts: list[list[int]], new: int, total_tokens: int = 2048,
+           prefill_tokens: int = 512) -> list[list[int]]:
     """Each prompt's greedy continuation of `new` tokens (bench_quality.py uses it too)."""
-    engine = Engine(model, EngineConfig(max_batch_total_tokens=total_tokens, compile=compile), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=total_tokens, max_batch_prefill_tokens=prefill_tokens,
+                                        compile=compile), eos_token_ids=[])
     outs: list[list[int]] = [[] for _ in prompts]
     for i, ids in enumerate(prompts):
         engine.scheduler.waiting.append(Sequence(str(i), ids, SamplingParams(), new,

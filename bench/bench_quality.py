@@ -6,8 +6,12 @@ Not a speed benchmark (nothing is timed), but it loads several models: run it al
 
 Sluice, in-process on token ids (the engine, as `sluice shard` runs it, no compile): the reference is
 float32 weights and compute (equal to transformers: tests/e2e/test_parity.py), against
-  * bf16 matrices: weights in bfloat16 under float32 compute (the default on AVX2 CPUs);
-  * int8: `--quantize int8` under float32 compute (AVX2) and under bfloat16 compute (native-bf16 CPUs).
+  * bf16 matrices: weights in bfloat16 under float32 compute, with a float32 or a float16 KV cache
+    (the default on AVX2 CPUs: both narrow);
+  * int8: `--quantize int8` under float32 compute with a float16 KV cache (AVX2) and under bfloat16
+    compute (native-bf16 CPUs).
+Prompts are prefilled PREFILL_CHUNK tokens at a time, as a long prompt is: each chunk reads the earlier
+ones' K/V back from the cache, so a narrower cache shows in both measures.
 llama.cpp (`llama-server`, built and cached as bench_llamacpp.py does): Q8_0 against BF16.
 
 Two measures, the same for both servers:
@@ -63,14 +67,16 @@ PASSAGE = (
 
 # Room for all of a run's prefixes at once.
 TOTAL_TOKENS = 8192
+PREFILL_CHUNK = 16
 
 
 def continue_greedy(model, prompts: list[list[int]], new: int) -> list[list[int]]:
-    return greedy(model, False, prompts, new, TOTAL_TOKENS)
+    return greedy(model, False, prompts, new, TOTAL_TOKENS, PREFILL_CHUNK)
 
 
 def perplexity(model, ids: list[int]) -> float:
-    engine = Engine(model, EngineConfig(max_batch_total_tokens=TOTAL_TOKENS), eos_token_ids=[])
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=TOTAL_TOKENS, max_batch_prefill_tokens=PREFILL_CHUNK),
+                    eos_token_ids=[])
     seq = Sequence("passage", ids, SamplingParams(), 1, lambda *_: None, prompt_logprobs=True)
     engine.scheduler.waiting.append(seq)
     while engine.scheduler.running or engine.scheduler.waiting:
@@ -93,8 +99,11 @@ def sluice_rows(prompts: list[list[int]], passage: list[int], new: int) -> list[
     reference = continue_greedy(ref_model, prompts, new)
     ref_ppl = perplexity(ref_model, passage)
     rows = [("sluice float32 (reference)", f"{len(reference) * new}/{len(reference) * new}", f"{ref_ppl:.3f}")]
-    forms = [("sluice bf16 matrices, float32 compute (AVX2 default)", dict(dtype=torch.float32, matrices=torch.bfloat16)),
-             ("sluice --quantize int8, float32 compute", dict(dtype=torch.float32, quantize="int8")),
+    forms = [("sluice bf16 matrices, float32 compute and KV cache", dict(dtype=torch.float32, matrices=torch.bfloat16)),
+             ("sluice bf16 matrices, float16 KV cache (AVX2 default)",
+              dict(dtype=torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16)),
+             ("sluice --quantize int8, float32 compute, float16 KV cache",
+              dict(dtype=torch.float32, quantize="int8", kv_cache=torch.float16)),
              ("sluice --quantize int8, bfloat16 compute", dict(dtype=torch.bfloat16, quantize="int8"))]
     for name, kw in forms:
         model = load_model(source, kw.pop("dtype"), **kw)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from shard.engine import Engine, EngineConfig
-from shard.hardware import choose_compile, choose_dtype, choose_matrices
+from shard.hardware import choose_compile, choose_dtype, choose_kv_cache, choose_matrices
 from shard.model_runner import ModelRunner
 from shard.models import cpu_kernels, cpu_matmul
 from shard.models.loader import load_model, model_config
@@ -85,11 +85,13 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     t0 = time.time()
     # Our CPU kernels take float32 rows and narrow weights: the default's bfloat16 ones, or --quantize's int8.
     kernels = device == "cpu" and dtype == "float32" and (settings.dtype == "auto" or bool(settings.quantize))
-    matrices = choose_matrices(settings.dtype, dtype, device, kernels and cpu_kernels.load())
-    model = load_model(source, DTYPES[dtype], tp, device, settings.quantize, DTYPES[matrices])
+    kernels = kernels and cpu_kernels.load()
+    matrices = choose_matrices(settings.dtype, dtype, device, kernels)
+    kv_cache = choose_kv_cache(settings.kv_cache_dtype, dtype, device, kernels)
+    model = load_model(source, DTYPES[dtype], tp, device, settings.quantize, DTYPES[matrices], DTYPES[kv_cache])
     weights = settings.quantize or matrices
-    log.info("rank %d/%d loaded %s (%s compute, %s weights) in %.1fs", tp.rank, tp.size, source.model_id, dtype,
-             weights, time.time() - t0)
+    log.info("rank %d/%d loaded %s (%s compute, %s weights, %s KV cache) in %.1fs", tp.rank, tp.size,
+             source.model_id, dtype, weights, kv_cache, time.time() - t0)
     return model
 
 

@@ -66,8 +66,9 @@ def allocate_kv_caches(model: LlamaModel, num_slots: int) -> list[tuple[torch.Te
     # whole cache, and an out-of-memory would come late instead of at start-up.
     cfg, device = model.cfg, model.embed_tokens.device
     shape = (num_slots, model.tp.kv_heads_per_rank(cfg.num_kv_heads), cfg.head_dim)
-    return [(torch.empty(shape, dtype=model.dtype, device=device).zero_(),
-             torch.empty(shape, dtype=model.dtype, device=device).zero_()) for _ in range(cfg.num_layers)]
+    dtype = model.kv_cache_dtype or model.dtype
+    return [(torch.empty(shape, dtype=dtype, device=device).zero_(),
+             torch.empty(shape, dtype=dtype, device=device).zero_()) for _ in range(cfg.num_layers)]
 
 
 def layer_groups(model: LlamaModel, per_group: int) -> list[LayerGroup]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sluice.options import SHARD, option
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -23,6 +24,10 @@ class ShardSettings:
     quantize: str | None = option(None, env="QUANTIZE", choices=("int8", "eetq"),
                                   help="int8 weight-only projections and vocabulary (eetq: TGI's name for it), "
                                        "computed in the --dtype: a quarter of float32's bytes per decode step")
+    kv_cache_dtype: str = option("auto", env="KV_CACHE_DTYPE", choices=KV_CACHE_DTYPES,
+                                 help="auto: float16 under float32 compute where our CPU attention kernel builds "
+                                      "(half the bytes decode attention reads, as llama.cpp's default cache), "
+                                      "else the compute dtype (shard/hardware.py)")
     num_shard: int = option(1, env="NUM_SHARD", type=int,
                             help="tensor-parallel processes holding one copy of the model between them")
     device: str = option("auto", env="DEVICE", help="cpu, cuda or auto (cuda when there is one)")

@@ -43,9 +43,9 @@ _loaded: bool | None = None
 
 
 def supported(flags: frozenset[str] | None = None) -> bool:
-    """The kernels' instructions: x86-64 with AVX2 and FMA."""
+    """The kernels' instructions: x86-64 with AVX2, FMA and F16C."""
     flags = cpu_flags() if flags is None else flags
-    return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= flags
+    return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= flags
 
 
 def _compile_command(output: Path) -> list[str]:
@@ -54,7 +54,7 @@ def _compile_command(output: Path) -> list[str]:
     openmp = "OpenMP" in torch.__config__.parallel_info()
     threads = ["-fopenmp", "-DAT_PARALLEL_OPENMP=1"] if openmp else ["-DAT_PARALLEL_NATIVE=1"]
     return [
-        os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-std=c++17", "-w", "-shared", "-fPIC", *threads,
+        os.environ.get("CXX", "g++"), "-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-w", "-shared", "-fPIC", *threads,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
         *map(str, SOURCES), "-o", str(output),
@@ -136,9 +136,9 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def attention_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether decode attention runs in the kernel: float32 queries and caches on the CPU, head size a
-    multiple of 8."""
-    return (q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
+    """Whether decode attention runs in the kernel: float32 queries on the CPU, caches in float32 or
+    float16, head size a multiple of 8."""
+    return (q.dtype == torch.float32 and k_cache.dtype in (torch.float32, torch.float16) and q.device.type == "cpu"
             and q.shape[-1] % 8 == 0 and bool(_loaded))
 
 

@@ -192,8 +192,8 @@ class DecoderLayer(nn.Module):
         q = apply_rope(q.view(T, hq, d), cos, sin)
         k = apply_rope(k.view(T, hkv, d), cos, sin)
         v = v.view(T, hkv, d)
-        k_cache.index_copy_(0, batch.slot_mapping, k)
-        v_cache.index_copy_(0, batch.slot_mapping, v)
+        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))  # the cache may be narrower (float16)
+        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
         outs = []
         if batch.kv_slots is not None:
             rows = q[: batch.kv_slots.shape[0]] if batch.chunks else q  # a decode step: every row
@@ -216,7 +216,7 @@ def decode_attention(q, k_cache, v_cache, kv_slots, mask, scale: float) -> torch
     differ in length, so they are padded to the longest and masked. Each KV head serves its g
     query heads without repeating K/V."""
     if cpu_kernels.attention_applies(q, k_cache):
-        # float32 on the CPU: our kernel reads each context row in place (shard/models/cpu_kernels.py).
+        # float32 queries on the CPU: our kernel reads each context row in place (shard/models/cpu_kernels.py).
         return cpu_kernels.decode_attention(q, k_cache, v_cache, kv_slots, mask, scale)
     B, L = kv_slots.shape
     hq, d = q.shape[1:]
@@ -232,8 +232,8 @@ def decode_attention(q, k_cache, v_cache, kv_slots, mask, scale: float) -> torch
         probs = torch.softmax(scores.masked_fill(~mask.view(B, L, 1, 1), float("-inf")), dim=1)
         return (probs.unsqueeze(-1) * values).sum(1).to(q.dtype).reshape(B, hq * d)
     # Eager: plain batched matmuls over the gathered context (measured faster than SDPA for decode on CPU).
-    keys = gather(k_cache, kv_slots).permute(0, 2, 3, 1)  # [B, hkv, d, L]
-    values = gather(v_cache, kv_slots).transpose(1, 2)  # [B, hkv, L, d]
+    keys = gather(k_cache, kv_slots).to(q.dtype).permute(0, 2, 3, 1)  # [B, hkv, d, L]
+    values = gather(v_cache, kv_slots).to(q.dtype).transpose(1, 2)  # [B, hkv, L, d]
     scores = torch.matmul(qg, keys).float() * scale  # [B, hkv, g, L]
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
@@ -249,7 +249,7 @@ def chunk_attention(q, k, v, k_cache, v_cache, chunk: PromptChunk, scale: float)
     if chunk.context is None:
         keys, values = k, v
     else:
-        keys, values = gather(k_cache, chunk.context), gather(v_cache, chunk.context)  # [L, hkv, d]
+        keys, values = gather(k_cache, chunk.context).to(q.dtype), gather(v_cache, chunk.context).to(q.dtype)  # [L, hkv, d]
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
         attn_mask=chunk.mask, is_causal=chunk.context is None, scale=scale, enable_gqa=True,
@@ -267,12 +267,15 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(self.vocab_per_rank, cfg.hidden_size))
         self.embed_tokens_scale = self.lm_head_scale = None  # int8 rows' scales (quantize.py)
+        # The KV cache's dtype where it is not the compute dtype: float16 under float32 compute on CPUs
+        # where our attention kernel runs (shard/hardware.py choose_kv_cache). None: the compute dtype.
+        self.kv_cache_dtype: torch.dtype | None = None
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (activations, KV cache): the norms keep it when the matrices are narrower
-        (bfloat16 or int8, shard/models/quantize.py)."""
+        """The compute dtype (activations; the KV cache unless kv_cache_dtype): the norms keep it when the
+        matrices are narrower (bfloat16 or int8, shard/models/quantize.py)."""
         return self.norm.dtype
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:

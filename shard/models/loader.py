@@ -34,10 +34,12 @@ Getter = Callable[[str], "torch.Tensor | None"]
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = None, device: str = "cpu",
-               quantize: str | None = None, matrices: torch.dtype | None = None) -> LlamaModel:
+               quantize: str | None = None, matrices: torch.dtype | None = None,
+               kv_cache: torch.dtype | None = None) -> LlamaModel:
     """`dtype`: the compute dtype. `quantize`: None, or a name in shard.models.quantize.QUANTIZE.
     `matrices`: the dtype the projections and vocabulary are stored in, if not `dtype` (the norms keep
-    `dtype`): bfloat16 under float32 compute is the default on CPUs without native bf16."""
+    `dtype`): bfloat16 under float32 compute is the default on CPUs without native bf16. `kv_cache`:
+    the KV cache's dtype, if not `dtype` (float16 under float32 compute where our CPU attention runs)."""
     tp = tp or TPGroup()
     cfg, get = _open_gguf(source.path) if source.is_gguf else _open_hf(source.path)
     check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp.size)
@@ -48,6 +50,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
         set_module_tensor_to_device(model, name, device, value=tensor, dtype=matrices if narrow else dtype)
     model.inv_freq = model.inv_freq.to(device)
     model = model.eval().requires_grad_(False)
+    model.kv_cache_dtype = kv_cache if kv_cache != dtype else None
     if quantize:
         if QUANTIZE.get(quantize) != "int8":
             raise ValueError(f"--quantize {quantize!r} is not supported: int8 (or its TGI name eetq) is")

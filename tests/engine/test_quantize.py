@@ -1,7 +1,8 @@
 """Narrow weights (shard/models/quantize.py). --quantize int8: weights round-trip within half a step of
 their row's scale, and the int8 model's logits follow the unquantized model's (same weights, bf16 or
 float32) closely enough to pick the same greedy tokens. bfloat16 matrices under float32 compute (the
-AVX2 default): exactly float32 math on bf16-rounded weights."""
+AVX2 default): exactly float32 math on bf16-rounded weights. A float16 KV cache under float32 compute
+(the AVX2 default too): decode steps' logits follow a float32 cache's."""
 from __future__ import annotations
 
 import pytest
@@ -55,6 +56,49 @@ def test_bf16_matrices_compute_float32_math_on_rounded_weights(tiny_llama):
         if p.dim() == 2:
             p.data = p.data.bfloat16().float()
     torch.testing.assert_close(first_logits(narrow), first_logits(rounded), rtol=1e-4, atol=1e-4)
+
+
+def decode_logits(model, prompts: list[list[int]], new: int, prefill_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy continuations, and the logits of every step, prompts prefilled `prefill_tokens` at a time
+    (short chunks read the earlier ones' K/V back from the cache)."""
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024, max_batch_prefill_tokens=prefill_tokens),
+                    eos_token_ids=[])
+    outs: list[list[int]] = [[] for _ in prompts]
+    for i, ids in enumerate(prompts):
+        engine.scheduler.waiting.append(Sequence(str(i), ids, SamplingParams(), new,
+                                                 lambda kind, v, i=i: outs[i].append(v.token_id)))
+    steps: list[torch.Tensor] = []
+    run = engine.runner.step
+
+    def record(*args, **kwargs):
+        samplers, logits = run(*args, **kwargs)
+        if logits is not None:
+            steps.append(logits[: len(samplers)].clone())
+        return samplers, logits
+
+    engine.runner.step = record
+    while engine.scheduler.running or engine.scheduler.waiting:
+        engine.step()
+    return outs, steps
+
+
+def test_a_float16_kv_cache_follows_the_float32_one(tiny_llama):
+    """The default under float32 compute on CPUs with our kernels: K/V stored in float16, read by the
+    decode attention kernel (and widened by the prompt chunks' attention). Same tokens, and every step's
+    logits within float16's rounding of the float32 cache's."""
+    if not cpu_kernels.load():
+        pytest.skip("the float16 cache is the default only where the kernels run")
+    source = ModelSource("tiny", tiny_llama)
+    wide = load_model(source, torch.float32, matrices=torch.bfloat16)
+    narrow = load_model(source, torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16)
+    prompts = [[5, 17, 300, 42, 8, 99, 7, 250, 31, 64, 12], [11, 12, 13], [400, 401, 402, 403, 404, 405, 406]]
+    tokens, logits = decode_logits(wide, prompts, 12, prefill_tokens=4)
+    narrow_tokens, narrow_logits = decode_logits(narrow, prompts, 12, prefill_tokens=4)
+    engine = Engine(narrow, EngineConfig(max_batch_total_tokens=64), eos_token_ids=[])
+    assert engine.runner.kv_caches[0][0].dtype == torch.float16
+    assert narrow_tokens == tokens
+    for a, b in zip(logits, narrow_logits, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=2e-2 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -79,22 +79,31 @@ def test_compiled_graphs_call_the_kernels():
     torch.testing.assert_close(compiled(x), torch.relu(reference(x, w)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (4, 4, 32), (8, 2, 16)])
-def test_decode_attention_matches_the_gathered_softmax(hq, hkv, d):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hq, hkv, d", [(9, 3, 64), (4, 4, 32), (8, 2, 16), (14, 2, 80), (10, 5, 128), (12, 2, 24)])
+def test_decode_attention_matches_the_gathered_softmax(hq, hkv, d, cache_dtype, threads):
     """Contexts of different lengths in a shared paged cache (padded slots masked off), including a row
-    with a single position; against the eager path's gathered batched matmuls."""
+    with a single position and ones past the kernel's blocks and prefetch distance; query groups of 1-7
+    heads (taken three at a time) and head sizes that leave a remainder of lanes. Against the float64
+    softmax over the cache's own values (a float16 cache's rows widened exactly)."""
     torch.manual_seed(hq * d)
-    B, L, S = 5, 37, 300
-    k_cache, v_cache = torch.randn(S, hkv, d), torch.randn(S, hkv, d)
+    B, L, S = 6, 75, 400
+    k_cache, v_cache = torch.randn(S, hkv, d).to(cache_dtype), torch.randn(S, hkv, d).to(cache_dtype)
     q = torch.randn(B, hq, d)
-    lengths = torch.tensor([37, 1, 20, 9, 33])
+    lengths = torch.tensor([37, 1, 20, 9, 75, 16])
     kv_slots = torch.randint(0, S, (B, L))
     mask = (torch.arange(L) < lengths[:, None]).unsqueeze(1)
     kv_slots[~mask[:, 0]] = 0  # padding points at slot 0, as the engine's does
-    got = cpu_kernels.decode_attention(q, k_cache, v_cache, kv_slots, mask, d**-0.5)
-    keys, values = k_cache[kv_slots].permute(0, 2, 3, 1), v_cache[kv_slots].transpose(1, 2)
-    scores = (torch.matmul(q.view(B, hkv, hq // hkv, d).double(), keys.double()) * d**-0.5).masked_fill(~mask[:, None], float("-inf"))
-    want = torch.matmul(torch.softmax(scores, -1), values.double()).reshape(B, hq * d).float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.decode_attention(q, k_cache, v_cache, kv_slots, mask, d**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    keys, values = k_cache[kv_slots].permute(0, 2, 3, 1).double(), v_cache[kv_slots].transpose(1, 2).double()
+    scores = (torch.matmul(q.view(B, hkv, hq // hkv, d).double(), keys) * d**-0.5).masked_fill(~mask[:, None], float("-inf"))
+    want = torch.matmul(torch.softmax(scores, -1), values).reshape(B, hq * d).float()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

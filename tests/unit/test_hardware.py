@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shard.hardware import choose_compile, choose_dtype, choose_matrices
+from shard.hardware import choose_compile, choose_dtype, choose_kv_cache, choose_matrices
 
 
 def test_bf16_only_where_the_cpu_has_native_bf16():
@@ -28,6 +28,15 @@ def test_bf16_matrices_under_float32_compute_only_by_default_on_cpus_with_the_ke
     assert choose_matrices("float32", "float32", "cpu", kernels=True) == "float32"  # exact comparison
     assert choose_matrices("auto", "bfloat16", "cpu", kernels=True) == "bfloat16"
     assert choose_matrices("auto", "float32", "cuda:0", kernels=True) == "float32"
+
+
+def test_a_float16_kv_cache_by_default_where_our_cpu_attention_reads_it():
+    assert choose_kv_cache("auto", "float32", "cpu", kernels=True) == "float16"
+    assert choose_kv_cache("auto", "float32", "cpu", kernels=False) == "float32"
+    assert choose_kv_cache("auto", "bfloat16", "cpu", kernels=True) == "bfloat16"
+    assert choose_kv_cache("auto", "bfloat16", "cuda:0", kernels=False) == "bfloat16"
+    assert choose_kv_cache("auto", "float32", "cuda:0", kernels=True) == "float32"
+    assert choose_kv_cache("float32", "float32", "cpu", kernels=True) == "float32"
 
 
 def test_compile_defaults_to_the_background_on_one_cpu_shard():
