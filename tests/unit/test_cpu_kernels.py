@@ -39,6 +39,20 @@ def test_bf16_weights_match_float32_math(threads, rows, n, k):
     torch.testing.assert_close(got, reference(x, w), rtol=1e-4, atol=1e-4 * k**0.5)
 
 
+@pytest.mark.parametrize("rows", [10, 11, 13])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_row_blocks_of_every_tile_shape(rows, dtype):
+    """K long enough that a row block holds three rows: 10 rows are blocks 3, 3, 3, 1 (a one-row tile),
+    11 and 13 end in two-row ones; each strip's tiles widen the next strip's rows between them."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 8192), torch.randn(24, 8192)
+    if dtype == torch.int8:
+        w, scale = quantize_rows(w)
+    else:
+        w, scale = w.bfloat16(), None
+    torch.testing.assert_close(cpu_kernels.linear(x, w, scale), reference(x, w, scale), rtol=1e-4, atol=1e-4 * 8192**0.5)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])
 def test_int8_weights_apply_their_row_scales(rows):
     torch.manual_seed(rows)
