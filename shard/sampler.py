@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shard.models import cpu_kernels
+
 
 # Tokens by probability that a top_p filter looks at before it sorts a whole row (see choose).
 CANDIDATES = 1024
@@ -29,6 +31,11 @@ class SamplingParams:
     # OpenAI logit_bias as (token ids, values) tensors, built once per request; None = no bias.
     logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def uses_history(self) -> bool:
+        """Whether sampling looks at the tokens so far (the penalties): only then is their tensor built."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
 
 @dataclass
 class Sampled:
@@ -38,7 +45,7 @@ class Sampled:
     finish: str | None = None  # set by the engine when this token ends the sequence
 
 
-def apply_penalties(logits: torch.Tensor, history: torch.Tensor, p: SamplingParams) -> None:
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor | None, p: SamplingParams) -> None:
     """In place, on one row: logit bias, CTRL repetition penalty, then OpenAI frequency/presence penalties."""
     if p.logit_bias is not None:
         logits.index_add_(0, *p.logit_bias)
@@ -55,19 +62,21 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    histories: list[torch.Tensor],
+    histories: list[torch.Tensor | None],
     top_n: list[int],
 ) -> list[Sampled]:
-    """logits: float32 [n, vocab], one row per sequence that samples this step."""
+    """logits: float32 [n, vocab], one row per sequence that samples this step. histories: each row's
+    tokens so far, where its params' `uses_history` (else None)."""
     for i, p in enumerate(params):
         if p.logit_bias is not None or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             apply_penalties(logits[i], histories[i], p)
-    temps = torch.tensor([p.temperature if p.do_sample else 1.0 for p in params]).unsqueeze(1)
-    scaled = logits / temps
+    temps = [p.temperature if p.do_sample else 1.0 for p in params]
+    # A vocabulary-sized pass per row: skipped when no row has a temperature (greedy steps).
+    scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps).unsqueeze(1)
     # The chosen token's logprob is its logit minus the row's logsumexp: the whole log_softmax only
     # for rows that return top tokens (it writes a vocabulary-sized row each).
-    lse = torch.logsumexp(scaled, dim=-1)
-    chosen = scaled.argmax(dim=-1)
+    stats = cpu_kernels.argmax_logsumexp(scaled)  # one pass over each row on CPUs with our kernels
+    chosen, lse = stats if stats is not None else (scaled.argmax(dim=-1), torch.logsumexp(scaled, dim=-1))
 
     rows = [i for i, p in enumerate(params) if p.do_sample]
     if rows:

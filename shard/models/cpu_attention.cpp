@@ -15,6 +15,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+
 namespace {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -120,24 +122,6 @@ void weighted_sums(const float* p, int64_t ps, const T* const* rows, int64_t n, 
   }
 }
 
-// e^x for x <= 0 (scores minus their maximum), Cephes' polynomial: ~1e-7 relative error. A scalar expf
-// per score would cost more than reading the cache.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 // The sequences' attention, cache rows of type T: fills out [B, hq * d]. Query head h * g + j (g = hq / hkv)
 // reads KV head h, as q.view(B, hkv, g, d) does.
 template <typename T>
@@ -185,7 +169,7 @@ void attend(const float* qp, const T* kp, const T* vp, const int64_t* sp, const 
           top = _mm256_max_ps(top, _mm256_shuffle_ps(top, top, 0xb1));
           __m256 sum = _mm256_setzero_ps();
           for (int64_t t = 0; t < n8; t += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + t), top));
+            const __m256 e = sluice_vec::exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + t), top));
             _mm256_storeu_ps(pj + t, e);
             sum = _mm256_add_ps(sum, e);
           }

@@ -1,7 +1,8 @@
 """Our CPU kernels, built with the machine's C++ compiler at first use, then cached:
   * cpu_linear.cpp: float32 rows times bfloat16 weights, and times int8 weights with a float32 scale
     per row;
-  * cpu_attention.cpp: decode attention over float32 paged KV caches, read in place.
+  * cpu_attention.cpp: decode attention over float32 or float16 paged KV caches, read in place;
+  * cpu_sampling.cpp: each sampling row's argmax and logsumexp from one read of its logits.
 
 Why our own: a decode step reads every weight once, so at small batches its time is the bytes read,
 and on CPUs without native bf16 (AVX2) no library we have reads narrow weights at memory speed.
@@ -37,7 +38,8 @@ from shard.hardware import cpu_flags
 
 log = logging.getLogger("sluice.shard")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_linear.cpp", "cpu_attention.cpp", "cpu_sampling.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_vec.h")]
 PACKAGE_DIR = SOURCES[0].parent
 _loaded: bool | None = None
 
@@ -64,7 +66,7 @@ def _compile_command(output: Path) -> list[str]:
 
 def library_name() -> str:
     """The built library's file name: changes with the source, torch and the build command."""
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + torch.__version__.encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode()
                          + " ".join(_compile_command(Path("out"))).encode()).hexdigest()[:16]
     return f"cpu_kernels-{key}.so"
 
@@ -147,6 +149,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence [B, hq, d] against its context rows (kv_slots [B, L], mask [B, 1, L]) of
     the paged caches [slots, hkv, d] -> [B, hq * d]. Check `attention_applies` first."""
     return torch.ops.sluice.decode_attention(q, k_cache, v_cache, kv_slots, mask, scale)
+
+
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's argmax (the first maximum) and logsumexp from float32 CPU logits [n, vocab]; None where
+    the kernels do not run (the caller uses ATen's)."""
+    if not (_loaded and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2):
+        return None
+    return torch.ops.sluice.argmax_logsumexp(logits)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

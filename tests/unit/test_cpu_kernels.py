@@ -140,3 +140,20 @@ def test_a_library_that_does_not_load_leaves_the_weights_alone(tmp_path, monkeyp
     (tmp_path / cpu_kernels.library_name()).write_bytes(b"not a library")
     assert cpu_kernels.load() is False
     assert "could not load" in caplog.text
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 13, 49152])
+def test_argmax_and_logsumexp_match_atens(vocab):
+    """The sampler's two statistics in one pass: the first of equal maxima (as torch.argmax), a row
+    masked to -inf everywhere (a grammar with no way on), rows whose maximum sits in the tail past the
+    last full vector."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab) * 4
+    logits[1] = 2.0  # all tied: the first
+    logits[2] = float("-inf")
+    logits[3, vocab // 2 :] = float("-inf")  # a constraint's mask
+    logits[4, -1] = 50.0  # in the tail
+    logits[5, [0, vocab - 1]] = 30.0  # tied at both ends
+    chosen, lse = cpu_kernels.argmax_logsumexp(logits)
+    assert torch.equal(chosen, logits.argmax(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
