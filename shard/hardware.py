@@ -7,7 +7,7 @@ The rule, from bench/RESULTS.md (SmolLM2-135M, 2-core AMD EPYC hosts, same load 
     (c=16: 17.9 tok/s bf16 vs 59.6 float32), so float32 is the default there. GPUs: bf16.
   * Under float32 compute on a CPU, the weight matrices are stored in bfloat16 when our kernel for them
     runs here (x86 with AVX2 + FMA and a C++ compiler, shard/models/cpu_kernels.py): half the bytes a
-    decode step reads. AVX2 host: the 30 layers' projections 21 -> 8-10 ms at batch 1, 48 -> 34 ms at
+    decode step reads. AVX2 host: the 30 layers' projections 21 -> 8-10 ms at batch 1, 48 -> 28 ms at
     16 rows, equal at 256 rows. `--dtype float32` keeps float32 weights (exact comparison).
   * Under the same conditions the KV cache is float16 (as llama.cpp's default cache): half the bytes decode
     attention reads, widened to float32 by our attention kernel as it loads them. Compiled decode steps at

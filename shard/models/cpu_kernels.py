@@ -10,8 +10,9 @@ Measured on the 2-core AVX2 host, SmolLM2-135M's 30 layers of projections (bench
 
   rows                      1         16        256
   float32, MKL (ours)       21 ms     48 ms     371 ms
-  bfloat16, this kernel     8-10 ms   34 ms     344 ms
-  int8, this kernel         5-6 ms    31 ms     346 ms
+  bfloat16, this kernel     8-10 ms   28 ms     344-363 ms  (16 rows: 34 ms before the strips' widening
+                                                          moved between the FMAs, cpu_linear.cpp)
+  int8, this kernel         5-6 ms    27 ms     346 ms      (16 rows: 31 ms before)
   int8, ATen _weight_int8pack_mm (bf16 rows)  11.4 ms at 1 row
   bf16 -> float32 copy, then MKL              61 ms at 1 row
 
