@@ -12,6 +12,8 @@ the levers (so load from elsewhere hits each alike). Levers:
   int8-compiled  weight-only int8, compiled
   bf16w          matrices stored in bfloat16 under float32 compute (the AVX2 default), eager
   bf16w-compiled the same, compiled
+  default        bf16w with a float16 KV cache (the AVX2 default since session 23), eager
+  default-compiled the same, compiled
 Prints ms/step and tok/s per lever, and the one-off compile times.
 """
 from __future__ import annotations
@@ -44,8 +46,10 @@ def prompt(i: int, n: int) -> list[int]:
 
 def build(source, dtype, lever: str) -> tuple[Engine, float]:
     cpu_kernels.load()
-    matrices = torch.bfloat16 if lever.startswith("bf16w") else None
-    model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None, matrices=matrices)
+    matrices = torch.bfloat16 if lever.startswith(("bf16w", "default")) else None
+    kv_cache = torch.float16 if lever.startswith("default") else None
+    model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None, matrices=matrices,
+                       kv_cache=kv_cache)
     compiled = "compiled" in lever
     engine = Engine(model, EngineConfig(max_batch_total_tokens=16384, compile=compiled), eos_token_ids=[])
     model_runner.CPP_WRAPPER = lever != "compiled-py"
