@@ -75,8 +75,10 @@ def serve(settings: RouterSettings) -> None:
     load: Load = app.state.load
     signal.signal(signal.SIGHUP, lambda sig, frame: app.state.tenants.reload())  # the keys file, reread
     # log_config=None: uvicorn's loggers go through ours (the request id in every line, the access log too).
+    # h11, not httptools even where it is installed: uvicorn's httptools protocol answers an HTTP/1.0 request
+    # (curl -0, nginx's default proxy_http_version) with a chunked stream, which HTTP/1.0 has no such thing as.
     config = uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, http="h11")
     server = DrainingServer(config)
     log.info("router listening on http://%s:%d", settings.hostname, settings.port)
     server.run(sockets=[sock])

@@ -192,8 +192,13 @@ class DecoderLayer(nn.Module):
         q = apply_rope(q.view(T, hq, d), cos, sin)
         k = apply_rope(k.view(T, hkv, d), cos, sin)
         v = v.view(T, hkv, d)
-        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))  # the cache may be narrower (float16)
-        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        if k_cache.dtype != k.dtype:
+            # A narrower cache (float16): a chunk that starts its sequence attends over its fresh K/V, so they
+            # are rounded as stored, and a prefix-cache hit reads back exactly what the miss computed with
+            # (else a seeded sample could differ between the two).
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        k_cache.index_copy_(0, batch.slot_mapping, k)
+        v_cache.index_copy_(0, batch.slot_mapping, v)
         outs = []
         if batch.kv_slots is not None:
             rows = q[: batch.kv_slots.shape[0]] if batch.chunks else q  # a decode step: every row
@@ -247,9 +252,10 @@ def chunk_attention(q, k, v, k_cache, v_cache, chunk: PromptChunk, scale: float)
     long prompt would otherwise build in float32 in every layer."""
     n, hq, d = q.shape
     if chunk.context is None:
-        keys, values = k, v
+        keys, values = k, v  # in the cache's dtype (see DecoderLayer.attention)
     else:
-        keys, values = gather(k_cache, chunk.context).to(q.dtype), gather(v_cache, chunk.context).to(q.dtype)  # [L, hkv, d]
+        keys, values = gather(k_cache, chunk.context), gather(v_cache, chunk.context)  # [L, hkv, d]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
         attn_mask=chunk.mask, is_causal=chunk.context is None, scale=scale, enable_gqa=True,
