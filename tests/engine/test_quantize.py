@@ -25,17 +25,6 @@ def test_rows_round_trip_within_half_a_step():
     assert (err <= scale.float()[:, None] * 0.5 + 1e-2 * w.float().abs()).all()
 
 
-def greedy(model, prompts, new: int) -> list[list[int]]:
-    engine = Engine(model, EngineConfig(max_batch_total_tokens=2048), eos_token_ids=[])
-    outs: list[list[int]] = [[] for _ in prompts]
-    for i, ids in enumerate(prompts):
-        engine.scheduler.waiting.append(Sequence(str(i), ids, SamplingParams(), new,
-                                                 lambda kind, v, i=i: outs[i].append(v.token_id)))
-    while engine.scheduler.running or engine.scheduler.waiting:
-        engine.step()
-    return outs
-
-
 def first_logits(model) -> torch.Tensor:
     engine = Engine(model, EngineConfig(max_batch_total_tokens=256), eos_token_ids=[])
     for i, ids in enumerate(([5, 17, 300, 42, 8, 99], [11, 12, 13], [400, 401, 402, 403])):
@@ -58,10 +47,11 @@ def test_bf16_matrices_compute_float32_math_on_rounded_weights(tiny_llama):
     torch.testing.assert_close(first_logits(narrow), first_logits(rounded), rtol=1e-4, atol=1e-4)
 
 
-def decode_logits(model, prompts: list[list[int]], new: int, prefill_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def decode_logits(model, prompts: list[list[int]], new: int,
+                  prefill_tokens: int = 512) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy continuations, and the logits of every step, prompts prefilled `prefill_tokens` at a time
     (short chunks read the earlier ones' K/V back from the cache)."""
-    engine = Engine(model, EngineConfig(max_batch_total_tokens=1024, max_batch_prefill_tokens=prefill_tokens),
+    engine = Engine(model, EngineConfig(max_batch_total_tokens=2048, max_batch_prefill_tokens=prefill_tokens),
                     eos_token_ids=[])
     outs: list[list[int]] = [[] for _ in prompts]
     for i, ids in enumerate(prompts):
@@ -80,6 +70,10 @@ def decode_logits(model, prompts: list[list[int]], new: int, prefill_tokens: int
     while engine.scheduler.running or engine.scheduler.waiting:
         engine.step()
     return outs, steps
+
+
+def greedy(model, prompts, new: int) -> list[list[int]]:
+    return decode_logits(model, prompts, new)[0]
 
 
 def test_a_float16_kv_cache_follows_the_float32_one(tiny_llama):
