@@ -98,32 +98,34 @@ async def _unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool,
     return True, job.result()  # re-raises the work's own exception
 
 
-_PING = object()
+class _KeepAlive:
+    """Sends KEEPALIVE whenever `interval` seconds pass without a send. A task of its own that wakes about
+    once an interval: each event only notes the time (a task and a timer per event cost more than the
+    rest of the router's work on a token). It never sends while one of the stream's own sends is under way."""
 
+    def __init__(self, send: Send, interval: float) -> None:
+        self._send, self._interval = send, interval
+        self._loop = asyncio.get_running_loop()
+        self._last, self._busy = self._loop.time(), False
+        self._task = asyncio.ensure_future(self._run())
 
-async def _paced(events: AsyncIterator, interval: float) -> AsyncIterator:
-    """The events, with _PING whenever `interval` seconds pass without one (0: never). The next event is
-    asked for only once the previous one was sent, so backpressure is what it was."""
-    if not interval:
-        async for event in events:
-            yield event
-        return
-    pending = None
-    try:
+    async def send(self, data: bytes) -> None:
+        self._busy = True
+        try:
+            await self._send(_body(data))
+        finally:
+            self._busy = False
+            self._last = self._loop.time()
+
+    async def _run(self) -> None:
         while True:
-            pending = asyncio.ensure_future(events.__anext__())
-            while not (await asyncio.wait({pending}, timeout=interval))[0]:
-                yield _PING
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield event
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()  # the generation's own task: cancelling it cancels the shard call
-            await asyncio.gather(pending, return_exceptions=True)
+            await asyncio.sleep(self._last + self._interval - self._loop.time())
+            if not self._busy and self._loop.time() - self._last >= self._interval:
+                await self.send(KEEPALIVE)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def _keepalive_s(scope: Scope) -> float:
@@ -149,23 +151,26 @@ class EventStream:
         if store is not None and headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true"):
             return await self._resumable(store, owner_of(headers), scope, receive, send)
         stream_id = uuid.uuid4().hex
-        paced = _paced(self.events, _keepalive_s(scope))
+        interval = _keepalive_s(scope)
 
         async def pump() -> None:
             await send(_start(stream_id))
-            n = 0
-            async for event in paced:
-                if event is _PING:
-                    await send(_body(KEEPALIVE))
-                    continue
-                n += 1
-                await send(_body(self.frame(event, f"{stream_id}.{n}")))
+            keepalive = _KeepAlive(send, interval) if interval else None
+            try:
+                n = 0
+                # The next event is asked for only once the previous one was sent: backpressure reaches the shard.
+                async for event in self.events:
+                    n += 1
+                    data = self.frame(event, f"{stream_id}.{n}")
+                    await (keepalive.send(data) if keepalive else send(_body(data)))
+            finally:
+                if keepalive:
+                    await keepalive.stop()
             await send(_END)
 
         try:
             await _unless_disconnected(receive, pump())
         finally:
-            await paced.aclose()  # first: it may be waiting on the events' next one
             await self.events.aclose()
 
     async def _resumable(self, store: StreamStore, owner: bytes, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,7 +1,7 @@
 """The shard's gRPC service: token ids in, a stream of sampled tokens out.
 
 The engine runs in its own thread; each Generate call owns an asyncio queue that the engine
-thread feeds through `call_soon_threadsafe`. When the router cancels the call, the handler's
+thread feeds through a Mailbox (one loop wake-up for all the tokens of a step). When the router cancels the call, the handler's
 `finally` marks the sequence cancelled and the engine frees it before its next step.
 Protobuf types stop here: the engine below sees Sequences and SamplingParams only.
 """
@@ -52,12 +52,38 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
     )
 
 
+class Mailbox:
+    """Items from the engine thread to asyncio queues on one loop. A step's tokens for every sequence are
+    posted within microseconds: the first one wakes the loop (a self-pipe write and a GIL hand-over), the
+    rest ride along, where a `call_soon_threadsafe` each would wake it once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item: object) -> None:
+        """From any thread."""
+        with self._lock:
+            self._items.append((queue, item))
+            first = len(self._items) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class ShardService(pb_grpc.ShardServicer):
     def __init__(self, engine: Engine, source: ModelSource, settings: ShardSettings) -> None:
         self.engine = engine
         self.source = source
         self.settings = settings
         self.grammars = GrammarCompiler(source, engine.model.cfg.vocab_size)
+        self._mailbox: Mailbox | None = None
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         cfg = self.engine.model.cfg
@@ -82,7 +108,9 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context):
         REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
-        loop = asyncio.get_running_loop()
+        if self._mailbox is None:
+            self._mailbox = Mailbox(asyncio.get_running_loop())
+        post = self._mailbox.post
         events: asyncio.Queue = asyncio.Queue()
         p = request.params
         params = sampling_params(p)
@@ -101,7 +129,7 @@ class ShardService(pb_grpc.ShardServicer):
             list(request.input_ids),
             params,
             request.max_new_tokens or 1,
-            lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
+            lambda kind, value: post(events, (kind, value)),
             stop_token_ids=eos,
             top_n_tokens=request.top_n_tokens,
             ignore_eos=request.ignore_eos,
@@ -165,13 +193,21 @@ class GrpcServer:
         self._error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="grpc", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="grpc", daemon=True)
 
     def start(self) -> str | None:
         """Listen on settings.address; None when serving, else why not."""
         self._thread.start()
         self._ready.wait()
         return self._error
+
+    def _run(self) -> None:
+        # uvloop where installed (as uvicorn picks it for the router): this loop wakes for every token it sends.
+        try:
+            from uvloop import run
+        except ImportError:
+            run = asyncio.run
+        run(self._serve())
 
     def stop(self) -> None:
         if self._loop is not None:
