@@ -104,7 +104,12 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=128)
     args = ap.parse_args()
     rng = random.Random(11)
-    prompts = [make_prompt(rng, args.prompt_words) for _ in range(args.requests)]
+
+    def new_prompts(n: int) -> list[str]:
+        # A fresh set for every run: the server's prefix cache would serve a repeated prompt's prefill.
+        return [make_prompt(rng, args.prompt_words) for _ in range(n)]
+
+    prompts = new_prompts(args.requests)
 
     print("[in-process] shard.launch.build_engine, default settings", flush=True)
     local = summarize(*in_process(prompts, args.concurrency, args.output_tokens))
@@ -114,10 +119,10 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     http = {}
     with serving("sluice", cmd, port, CACHE / "sluice-overhead.log", wait_for_log="compiled the decode graphs") as url:
-        asyncio.run(drive(url, prompts[:2], 2, 8))  # warm-up, not measured
+        asyncio.run(drive(url, new_prompts(2), 2, 8))  # warm-up, not measured
         for name, generator in (("HTTP, lean client", sse_client.drive), ("HTTP, httpx client", drive)):
             cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            results, wall = asyncio.run(generator(url, prompts, args.concurrency, args.output_tokens))
+            results, wall = asyncio.run(generator(url, new_prompts(args.requests), args.concurrency, args.output_tokens))
             cpu1 = resource.getrusage(resource.RUSAGE_SELF)
             # The client shares the cores with the server here, and has no counterpart in-process.
             client = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall

@@ -64,7 +64,7 @@ class Token:
 
 @dataclass
 class Reply:
-    """One Generate stream message. The first carries prompt_tokens, seed and prefill."""
+    """One message of a generation (shard.proto's GenerateResponse). The first carries prompt_tokens, seed and prefill."""
 
     tokens: list[Token]
     finish_reason: FinishReason | None = None  # LENGTH or EOS, on the last message only

@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, field, fields
 
 import grpc
 
-from sluice.logs import METADATA_KEY, REQUEST_ID
+from sluice.logs import REQUEST_ID
 from sluice.pb import shard_pb2, shard_pb2_grpc
 
 from .contract import FinishReason, Reply, ShardHealth, ShardInfo, ShardRequest, Token, TopToken
 from .deadline import Waiting
 from .failover import continuation
+from .shard_stream import SharedStream
 
 log = logging.getLogger("sluice.router")
 
@@ -64,7 +65,7 @@ class ShardUnavailable(RuntimeError):
 
 
 class ShardError(RuntimeError):
-    """A Generate call failed; `code` is the gRPC status (INVALID_ARGUMENT means the shard refused the input)."""
+    """A generation failed; `code` is the gRPC status (INVALID_ARGUMENT means the shard refused the input)."""
 
     def __init__(self, message: str, code: grpc.StatusCode) -> None:
         super().__init__(message)
@@ -83,6 +84,10 @@ class Replica:
     prefill_tokens_per_s: float = 0.0  # the shard's measured rates, as of the last health check
     decode_step_s: float = 0.0
     waiting: list[Waiting] = field(default_factory=list)  # sent here, no first token yet (router/deadline.py)
+    generations: SharedStream | None = None  # the Generations stream its generations share
+
+    def __post_init__(self) -> None:
+        self.generations = SharedStream(self.stub)
 
 
 async def resolve(address: str) -> list[str]:
@@ -113,7 +118,7 @@ class ShardPool:
         self._poller: asyncio.Task | None = None
         self._info: ShardInfo | None = None
         self._retired: list[Replica] = []  # gone from DNS, closed once their last stream ends
-        self._calls: set = set()  # Generate calls in flight, for abort_all
+        self._calls: set = set()  # generations in flight on the shards (shard_stream.py), for abort_all
         self._abort_reason: str | None = None
         self.max_failovers = max_failovers
         self.on_failover = on_failover or (lambda: None)
@@ -129,6 +134,7 @@ class ShardPool:
             self._open(a) for a in wanted if a not in known]
         for r in [r for r in self._retired if r.in_flight == 0]:
             self._retired.remove(r)
+            await r.generations.close()
             await r.channel.close()
 
     def _open(self, address: str) -> Replica:
@@ -182,6 +188,7 @@ class ShardPool:
         if self._poller:
             self._poller.cancel()
         for replica in self.replicas:
+            await replica.generations.close()
             await replica.channel.close()
 
     async def _check(self, replica: Replica) -> ShardHealth | None:
@@ -218,8 +225,8 @@ class ShardPool:
         return min(healthy or self.replicas, key=lambda r: r.in_flight)
 
     async def generate(self, request: ShardRequest) -> AsyncIterator[Reply]:
-        """Stream one request's tokens. Leaving the loop early (stop sequence, disconnect) cancels the RPC,
-        which frees the sequence in the engine. A replica that refuses with UNAVAILABLE before the first
+        """Stream one request's tokens (on the replica's shared Generations stream, shard_stream.py). Leaving
+        the loop early (stop sequence, disconnect) cancels the generation, which frees the sequence in the engine. A replica that refuses with UNAVAILABLE before the first
         reply (draining, or gone) hands the request to another healthy one, if there is one. A replica
         that fails mid-stream (see _failed) hands over the rest of the generation (router/failover.py),
         up to max_failovers times: the replies just go on, as if from one replica."""
@@ -231,7 +238,7 @@ class ShardPool:
             replica.in_flight += 1
             waiting = Waiting(request.priority, request.tenant, len(current.input_ids))
             replica.waiting.append(waiting)
-            call = replica.stub.Generate(to_wire(current), metadata=((METADATA_KEY, REQUEST_ID.get()),))
+            call = replica.generations.start(to_wire(current), REQUEST_ID.get())
             self._calls.add(call)
             started = False
             try:
@@ -264,7 +271,8 @@ class ShardPool:
                         continue
                 raise error from exc
             except asyncio.CancelledError:
-                # grpc.aio reports a call cancelled by abort_all as this task's cancellation; it is not.
+                # A generation cancelled by abort_all raises CancelledError here (as a grpc.aio call does); it is not
+                # this task's cancellation.
                 task = asyncio.current_task()
                 if self._abort_reason is None or (task is not None and task.cancelling()):
                     raise
@@ -287,7 +295,7 @@ class ShardPool:
         return not (health and health.ok)
 
     def abort_all(self, reason: str) -> int:
-        """End every Generate call in flight with ShardError(reason): each stream then closes with an
+        """End every generation in flight with ShardError(reason): each stream then closes with an
         error event instead of just stopping. Used when the shutdown timeout runs out. Returns how many."""
         self._abort_reason = reason
         calls = list(self._calls)

@@ -1,8 +1,10 @@
 """The shard's gRPC service: token ids in, a stream of sampled tokens out.
 
-The engine runs in its own thread; each Generate call owns an asyncio queue that the engine
-thread feeds through a Mailbox (one loop wake-up for all the tokens of a step). When the router cancels the call, the handler's
-`finally` marks the sequence cancelled and the engine frees it before its next step.
+The engine runs in its own thread and calls each sequence's `on_event` from there; a Mailbox carries
+those events to this server's loop, one wake-up for all the tokens of a step. Generations (the router's
+RPC) sends each wake-up's tokens of every generation on the stream as one message; Generate (one request
+per call) feeds its own queue. When a generation is cancelled (Generations' cancel, a Generate call
+cancelled, a stream closed), its sequence is marked cancelled and the engine frees it before its next step.
 Protobuf types stop here: the engine below sees Sequences and SamplingParams only.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import threading
 import os
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -53,19 +56,19 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
 
 
 class Mailbox:
-    """Items from the engine thread to asyncio queues on one loop. A step's tokens for every sequence are
+    """Items from the engine thread to their sinks (an asyncio queue's put_nowait, ...) on one loop. A step's tokens for every sequence are
     posted within microseconds: the first one wakes the loop (a self-pipe write and a GIL hand-over), the
     rest ride along, where a `call_soon_threadsafe` each would wake it once per token."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, object]] = []
+        self._items: list[tuple[Callable[[object], None], object]] = []
 
-    def post(self, queue: asyncio.Queue, item: object) -> None:
-        """From any thread."""
+    def post(self, sink: Callable[[object], None], item: object) -> None:
+        """`sink(item)` on the loop; from any thread."""
         with self._lock:
-            self._items.append((queue, item))
+            self._items.append((sink, item))
             first = len(self._items) == 1
         if first:
             self._loop.call_soon_threadsafe(self._deliver)
@@ -73,8 +76,8 @@ class Mailbox:
     def _deliver(self) -> None:
         with self._lock:
             items, self._items = self._items, []
-        for queue, item in items:
-            queue.put_nowait(item)
+        for sink, item in items:
+            sink(item)
 
 
 class ShardService(pb_grpc.ShardServicer):
@@ -83,7 +86,7 @@ class ShardService(pb_grpc.ShardServicer):
         self.source = source
         self.settings = settings
         self.grammars = GrammarCompiler(source, engine.model.cfg.vocab_size)
-        self._mailbox: Mailbox | None = None
+        self._mail: Mailbox | None = None
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         cfg = self.engine.model.cfg
@@ -106,31 +109,31 @@ class ShardService(pb_grpc.ShardServicer):
         return pb.HealthResponse(ok=self.engine.alive(), running=running, waiting=waiting, free_kv_blocks=free,
                                  prefill_tokens_per_s=rates.prefill_tokens_per_s, decode_step_s=rates.decode_step_s)
 
-    async def Generate(self, request: pb.GenerateRequest, context):
-        REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
-        if self._mailbox is None:
-            self._mailbox = Mailbox(asyncio.get_running_loop())
-        post = self._mailbox.post
-        events: asyncio.Queue = asyncio.Queue()
+    def _mailbox(self) -> Mailbox:
+        if self._mail is None:  # the server's loop: made lazily, inside it
+            self._mail = Mailbox(asyncio.get_running_loop())
+        return self._mail
+
+    async def _start(self, request: pb.GenerateRequest, on_event: Callable[[str, object], None]) -> _Replies:
+        """Check the request, build its sequence and submit it; _Refused says why not."""
         p = request.params
         params = sampling_params(p)
         vocab = self.engine.model.cfg.vocab_size
         if any(t >= vocab for t in (*request.input_ids, *p.logit_bias)):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be below the vocabulary size {vocab}")
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be below the vocabulary size {vocab}")
         matcher = None
         if request.grammar:
             try:  # compiling takes milliseconds to a second: never on the engine thread
                 matcher = await asyncio.to_thread(self.grammars.matcher, request.grammar)
             except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        eos = frozenset(request.stop_token_ids)
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         seq = Sequence(
             request.request_id,
             list(request.input_ids),
             params,
             request.max_new_tokens or 1,
-            lambda kind, value: post(events, (kind, value)),
-            stop_token_ids=eos,
+            on_event,
+            stop_token_ids=frozenset(request.stop_token_ids),
             top_n_tokens=request.top_n_tokens,
             ignore_eos=request.ignore_eos,
             matcher=matcher,
@@ -142,40 +145,170 @@ class ShardService(pb_grpc.ShardServicer):
         try:
             self.engine.submit(seq)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except Draining as exc:  # UNAVAILABLE: the router may send it to another replica
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        first, done = True, False
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        return _Replies(seq, params)
+
+    def _end(self, replies: _Replies) -> None:
+        seq = replies.seq
+        self.engine.cancel(seq)  # no-op when finished; frees the sequence when the call was cancelled
+        # One line per request, with its id and sizes only: prompt text never reaches the shard.
+        log.info("generate %s: %d prompt tokens, %d generated", "finished" if replies.done else "ended early",
+                 seq.prompt_len, len(seq.token_ids) - seq.prompt_len)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
+        events: asyncio.Queue = asyncio.Queue()
+        post = self._mailbox().post
+        try:
+            replies = await self._start(request, lambda kind, value: post(events.put_nowait, (kind, value)))
+        except _Refused as exc:
+            await context.abort(exc.code, exc.message)
         try:
             while True:
                 batch = [await events.get()]
                 while not events.empty():  # the router fell behind: send what is ready at once
                     batch.append(events.get_nowait())
-                msg = pb.GenerateResponse()
-                if first:
-                    msg.prompt_tokens = seq.prompt_len
-                    msg.seed = params.seed or 0
-                    if seq.prefill is not None:
-                        msg.prefill.extend(pb.Token(id=i, logprob=lp) for i, lp in zip(seq.token_ids, seq.prefill))
-                    first = False
-                done = False
-                for kind, value in batch:
-                    if kind == "error":
-                        log.warning("generation failed: %s", value)
-                        await context.abort(grpc.StatusCode.INTERNAL, str(value))
-                    msg.tokens.append(_token(value))
-                    if value.finish:  # the last message: nothing is ever sent after it
-                        msg.finish_reason = pb.FINISH_REASON_EOS if value.finish == FINISH_EOS else pb.FINISH_REASON_LENGTH
-                        done = True
-                        break
+                try:
+                    msg = replies.message(batch)
+                except _Failed as exc:
+                    log.warning("generation failed: %s", exc)
+                    await context.abort(grpc.StatusCode.INTERNAL, str(exc))
                 yield msg
-                if done:
+                if replies.done:
                     return
         finally:
-            self.engine.cancel(seq)  # no-op when finished; frees the sequence when the call was cancelled
-            # One line per request, with its id and sizes only: prompt text never reaches the shard.
-            log.info("generate %s: %d prompt tokens, %d generated", "finished" if done else "ended early",
-                     seq.prompt_len, len(seq.token_ids) - seq.prompt_len)
+            self._end(replies)
+
+    async def Generations(self, request_iterator, context):
+        """See shard.proto. The engine thread posts (id, kind, value) through the Mailbox; each wake-up of
+        this loop sends everything posted since as one message."""
+        post = self._mailbox().post
+        posted: list[tuple[int, str, object]] = []
+        wake = asyncio.Event()
+        live: dict[int, tuple[_Replies, str]] = {}  # id -> (its replies, its log id)
+        starting: dict[int, asyncio.Task] = {}
+        closed = False
+
+        def deliver(item: tuple[int, str, object]) -> None:
+            posted.append(item)
+            wake.set()
+
+        async def start(req: pb.GenerationsRequest) -> None:
+            REQUEST_ID.set(req.log_id or "-")
+            try:
+                replies = await self._start(req.start, lambda kind, value: post(deliver, (req.id, kind, value)))
+            except _Refused as exc:
+                deliver((req.id, "refused", exc))
+            else:
+                live[req.id] = replies, req.log_id
+            finally:
+                starting.pop(req.id, None)
+
+        async def read() -> None:
+            nonlocal closed
+            try:
+                async for req in request_iterator:
+                    if req.cancel:
+                        task = starting.pop(req.id, None)
+                        if task is not None:
+                            task.cancel()  # not submitted yet (a grammar compiling): nothing to free
+                        elif req.id in live:
+                            self._finish(*live.pop(req.id))
+                    elif req.HasField("start"):
+                        starting[req.id] = asyncio.create_task(start(req))
+            finally:
+                closed = True
+                wake.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while not closed:
+                await wake.wait()
+                wake.clear()
+                batch, posted[:] = list(posted), []
+                updates = self._updates(batch, live)
+                if updates:
+                    yield pb.GenerationsResponse(updates=updates)
+        finally:
+            reader.cancel()
+            for task in list(starting.values()):
+                task.cancel()
+            for replies, log_id in live.values():
+                self._finish(replies, log_id)
+
+    def _finish(self, replies: _Replies, log_id: str) -> None:
+        token = REQUEST_ID.set(log_id or "-")
+        try:
+            self._end(replies)
+        finally:
+            REQUEST_ID.reset(token)
+
+    def _updates(self, batch: list[tuple[int, str, object]],
+                 live: dict[int, tuple[_Replies, str]]) -> list[pb.GenerationUpdate]:
+        """One update per generation with news, in the order their first news came."""
+        events: dict[int, list[tuple[str, object]]] = {}
+        for gid, kind, value in batch:
+            events.setdefault(gid, []).append((kind, value))
+        updates = []
+        for gid, news in events.items():
+            if news[0][0] == "refused":
+                exc = news[0][1]
+                updates.append(pb.GenerationUpdate(id=gid, error_code=exc.code.value[0], error=exc.message))
+                continue
+            if gid not in live:
+                continue  # cancelled: whatever the engine sent before it saw that is not wanted
+            replies, log_id = live[gid]
+            try:
+                updates.append(pb.GenerationUpdate(id=gid, response=replies.message(news)))
+            except _Failed as exc:
+                log.warning("generation failed: %s", exc)
+                updates.append(pb.GenerationUpdate(id=gid, error_code=grpc.StatusCode.INTERNAL.value[0], error=str(exc)))
+                self._finish(*live.pop(gid))
+                continue
+            if replies.done:
+                self._finish(*live.pop(gid))
+        return updates
+
+
+class _Refused(Exception):
+    """A request the shard will not run: the gRPC status and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _Failed(Exception):
+    """The engine failed the sequence (an error event)."""
+
+
+class _Replies:
+    """One generation's engine events as the GenerateResponse messages of its stream (shard.proto): the
+    first carries prompt_tokens, seed and prefill; the last, its finish reason."""
+
+    def __init__(self, seq: Sequence, params: SamplingParams) -> None:
+        self.seq, self.params = seq, params
+        self.first, self.done = True, False
+
+    def message(self, batch: list[tuple[str, object]]) -> pb.GenerateResponse:
+        seq, msg = self.seq, pb.GenerateResponse()
+        if self.first:
+            msg.prompt_tokens = seq.prompt_len
+            msg.seed = self.params.seed or 0
+            if seq.prefill is not None:
+                msg.prefill.extend(pb.Token(id=i, logprob=lp) for i, lp in zip(seq.token_ids, seq.prefill))
+            self.first = False
+        for kind, value in batch:
+            if kind == "error":
+                raise _Failed(str(value))
+            msg.tokens.append(_token(value))
+            if value.finish:  # the last message: nothing is ever sent after it
+                msg.finish_reason = pb.FINISH_REASON_EOS if value.finish == FINISH_EOS else pb.FINISH_REASON_LENGTH
+                self.done = True
+                break
+        return msg
 
 
 def _token(s: Sampled) -> pb.Token:
