@@ -201,6 +201,9 @@ class ShardService(pb_grpc.ShardServicer):
                 replies = await self._start(req.start, lambda kind, value: post(deliver, (req.id, kind, value)))
             except _Refused as exc:
                 deliver((req.id, "refused", exc))
+            except Exception as exc:  # noqa: BLE001 - the caller waits on this id: it must hear of it
+                log.exception("starting a generation failed")
+                deliver((req.id, "refused", _Refused(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
             else:
                 live[req.id] = replies, req.log_id
             finally:
@@ -263,7 +266,9 @@ class ShardService(pb_grpc.ShardServicer):
             try:
                 updates.append(pb.GenerationUpdate(id=gid, response=replies.message(news)))
             except _Failed as exc:
+                token = REQUEST_ID.set(log_id or "-")
                 log.warning("generation failed: %s", exc)
+                REQUEST_ID.reset(token)
                 updates.append(pb.GenerationUpdate(id=gid, error_code=grpc.StatusCode.INTERNAL.value[0], error=str(exc)))
                 self._finish(*live.pop(gid))
                 continue

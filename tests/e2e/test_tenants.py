@@ -37,17 +37,19 @@ def test_a_lone_tenant_is_not_served_after_the_whole_backlog(keyed):
     finished: list[str] = []
     lock = threading.Lock()
 
-    def send(name: str, key: str) -> None:
-        response = complete(srv.url, key, 150)
+    def send(name: str, key: str, tokens: int) -> None:
+        response = complete(srv.url, key, tokens)
         assert response.status_code == 200, response.text
         with lock:
             finished.append(name)
 
-    backlog = [threading.Thread(target=send, args=(f"A{i}", "k-a")) for i in range(4)]
+    # Long enough that the four are all in before the first one finishes, even when their connections
+    # open tens of milliseconds apart and a step takes a millisecond (the tiny model, one at a time).
+    backlog = [threading.Thread(target=send, args=(f"A{i}", "k-a", 400)) for i in range(4)]
     for t in backlog:
         t.start()
     wait_for(lambda: shard_queue(srv.url) == (1, 3))  # one of A's running, three waiting
-    lone = threading.Thread(target=send, args=("B", "k-b"))
+    lone = threading.Thread(target=send, args=("B", "k-b", 150))
     lone.start()
     for t in [*backlog, lone]:
         t.join(timeout=300)
