@@ -304,19 +304,25 @@ def limits(concurrency: int) -> httpx.Limits:
     return httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Result], float]:
-    """All `prompts` through at most `concurrency` in flight; the results and the wall time."""
-    queue = list(reversed(prompts))
+async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> tuple[list[Result], float]:
+    """All `prompts` through at most `concurrency` in flight (`max_tokens`: one for all, or one per prompt);
+    the results and the wall time."""
+    queue = list(reversed(list(zip(prompts, per_prompt(max_tokens, len(prompts))))))
     results: list[Result] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits(concurrency)) as client:
         async def worker() -> None:
             while queue:
-                results.append(await one_request(client, url, queue.pop(), max_tokens))
+                prompt, tokens = queue.pop()
+                results.append(await one_request(client, url, prompt, tokens))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
     return results, wall
+
+
+def per_prompt(max_tokens: int | list[int], n: int) -> list[int]:
+    return [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
 
 
 def pct(values: list[float], q: float) -> float | None:

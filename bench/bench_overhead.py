@@ -2,7 +2,7 @@
 and through the same engine driven in-process, side by side in one run.
 
     python bench/bench_overhead.py [--concurrency 16] [--requests 48] [--rounds 3] [--prompt-words 128]
-        [--output-tokens 128]
+        [--output-tokens 128] [--length-spread 0.25 (0: equal lengths)]
 
 NEVER run it while anything else runs on the machine: every number is wall-clock on shared cores.
 
@@ -16,6 +16,13 @@ sequences and timestamps their tokens as the engine emits them.
 The in-process engine and the server are loaded at once and take turns, round after round (the other
 side idle): on a shared host the speed drifts over minutes, and a ratio of two runs minutes apart
 measured the drift as much as the overhead. Each round's HTTP runs are divided by its in-process run.
+
+With equal output lengths a closed loop can lock into cohorts: sixteen streams finish on one step and the
+next sixteen arrive together, prefilled as one batch. In-process they arrive within microseconds and the
+cohort holds in some runs (TTFT p50 ~1.0 s instead of ~2.0 s, and ~5% more tokens/s); through HTTP the
+arrivals spread over milliseconds and it breaks. That is the workload's artifact, not the router's cost:
+`--length-spread 0.25` draws each request's length from 128 x (1 +- 0.25), the same draws on every side of
+a round, and no side keeps a cohort (nor does real traffic).
 
 Through HTTP the server is driven twice a round, by two streaming /v1/completions load generators:
 bench_llamacpp's (httpx) and sse_client's (a bare asyncio protocol). Both share the two cores with the
@@ -41,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import sse_client  # noqa: E402
-from bench_llamacpp import Result, drive, free_port, make_prompt, serving, sluice_cmd, summarize, CACHE  # noqa: E402
+from bench_llamacpp import Result, drive, per_prompt, free_port, make_prompt, serving, sluice_cmd, summarize, CACHE  # noqa: E402
 
 
-def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Result], float]:
+def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> tuple[list[Result], float]:
     """The prompts through the in-process engine (its loop runs in the main thread), `concurrency` in flight,
     each token stamped as the engine emits it."""
     from shard.sampler import SamplingParams
@@ -57,7 +64,7 @@ def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: i
     left = [len(ids)]
     lock = threading.Lock()
     start = time.perf_counter()
-    for i, prompt in enumerate(ids):
+    for i, (prompt, tokens) in enumerate(zip(ids, per_prompt(max_tokens, len(ids)))):
         slots.acquire()
         res = Result(start=time.perf_counter(), prompt_tokens=len(prompt))
         results.append(res)
@@ -76,7 +83,7 @@ def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: i
                 if not left[0]:
                     done.set()
 
-        engine.submit(Sequence(f"r{i}", prompt, SamplingParams(), max_tokens, on_event, ignore_eos=True))
+        engine.submit(Sequence(f"r{i}", prompt, SamplingParams(), tokens, on_event, ignore_eos=True))
     done.wait()
     return results, time.perf_counter() - start
 
@@ -93,6 +100,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-words", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=128)
+    ap.add_argument("--length-spread", type=float, default=0.25,
+                    help="output lengths drawn from output-tokens x (1 +- spread), the same draws on every side of "
+                         "a round (0: all equal; see the docstring for why not by default)")
     args = ap.parse_args()
     import torch
 
@@ -100,7 +110,7 @@ def main() -> None:
     from shard.settings import ShardSettings
     from sluice.modelfiles import load_tokenizer, resolve
 
-    rng = random.Random(11)
+    rng, length_rng = random.Random(11), random.Random(12)
 
     def new_prompts(n: int) -> list[str]:
         # A fresh set for every run: the server's prefix cache would serve a repeated prompt's prefill.
@@ -126,14 +136,16 @@ def main() -> None:
                 asyncio.run(drive(url, new_prompts(2), 2, 8))  # warm-up, not measured
                 local_round(engine, tok, new_prompts(2), 2, 8)
                 for r in range(args.rounds):
+                    lengths = [max(1, round(args.output_tokens * (1 + length_rng.uniform(-1, 1) * args.length_spread)))
+                               for _ in range(args.requests)]
                     for side in sides:
                         prompts = new_prompts(args.requests)
                         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
                         if side == sides[0]:
-                            results, wall = local_round(engine, tok, prompts, args.concurrency, args.output_tokens)
+                            results, wall = local_round(engine, tok, prompts, args.concurrency, lengths)
                         else:
                             generator = sse_client.drive if side == sides[1] else drive
-                            results, wall = asyncio.run(generator(url, prompts, args.concurrency, args.output_tokens))
+                            results, wall = asyncio.run(generator(url, prompts, args.concurrency, lengths))
                         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                         client = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
                         runs[side].append((summarize(results, wall), client))
@@ -148,7 +160,7 @@ def main() -> None:
         engine.run()
 
     print(f"\nc={args.concurrency}, {args.rounds} rounds of {args.requests} requests per side, {args.prompt_words}-word "
-          f"prompts, {args.output_tokens} output tokens (ignore_eos); medians over the rounds")
+          f"prompts, {args.output_tokens} output tokens (x (1 +- {args.length_spread}), ignore_eos); medians over the rounds")
     print(f"{'':<22s}{'out tok/s':>10s}{'TTFT p50 ms':>12s}{'ITL p50 ms':>11s}{'ITL p95 ms':>11s}{'out/req':>9s}"
           f"{'failed':>8s}{'client CPU':>12s}")
     median = {side: {k: statistics.median(s[k] for s, _ in runs[side]) for k in runs[side][0][0]} for side in sides}

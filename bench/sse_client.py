@@ -13,7 +13,7 @@ import json
 import time
 from urllib.parse import urlsplit
 
-from bench_llamacpp import Result
+from bench_llamacpp import Result, per_prompt
 
 
 class _Stream(asyncio.Protocol):
@@ -115,14 +115,15 @@ async def one_request(url: str, prompt: str, max_tokens: int) -> Result:
     return res
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Result], float]:
+async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> tuple[list[Result], float]:
     """bench_llamacpp.drive with this generator: all `prompts`, at most `concurrency` in flight."""
-    queue = list(reversed(prompts))
+    queue = list(reversed(list(zip(prompts, per_prompt(max_tokens, len(prompts))))))
     results: list[Result] = []
 
     async def worker() -> None:
         while queue:
-            results.append(await one_request(url, queue.pop(), max_tokens))
+            prompt, tokens = queue.pop()
+            results.append(await one_request(url, prompt, tokens))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
