@@ -119,8 +119,12 @@ class _KeepAlive:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._last + self._interval - self._loop.time())
-            if not self._busy and self._loop.time() - self._last >= self._interval:
+            idle = self._loop.time() - self._last
+            if idle < self._interval:
+                await asyncio.sleep(self._interval - idle)
+            elif self._busy:  # a send held up by a slow reader: it is the news, not a keep-alive
+                await asyncio.sleep(self._interval)
+            else:
                 await self.send(KEEPALIVE)
 
     async def stop(self) -> None:

@@ -20,3 +20,45 @@ def test_a_line_break_in_a_tokens_text_stays_inside_one_data_line(char):
     assert len(lines) == 3 and lines[0] == "id: s.1" and lines[1].startswith("data: ") and lines[2] == ""
     assert event.endswith("\n\n") and event.count("\n") == 3
     assert json.loads(lines[1][len("data: "):]) == payload
+
+
+def test_keepalive_waits_while_a_send_is_held_up_and_pings_once_idle(monkeypatch):
+    """While one of the stream's own sends is held up (a slow reader), no keep-alive goes out and the
+    keep-alive task sleeps whole intervals instead of spinning; once the stream is idle it pings."""
+    import asyncio
+
+    from router import sse
+
+    sleeps = []
+    real_sleep = asyncio.sleep
+
+    async def counted_sleep(delay):
+        sleeps.append(delay)
+        await real_sleep(delay)
+
+    monkeypatch.setattr(sse.asyncio, "sleep", counted_sleep)
+
+    async def scenario():
+        sent, release = [], asyncio.Event()
+
+        async def send(message):
+            if not sent:
+                await release.wait()  # the first event's send waits on the reader
+            sent.append(message["body"])
+
+        keepalive = sse._KeepAlive(send, 0.02)
+        held = asyncio.ensure_future(keepalive.send(b"data: 1\n\n"))
+        await real_sleep(0.2)  # ten intervals with the send held up
+        pinged_while_held = list(sent)
+        spins = len(sleeps)
+        release.set()
+        await held
+        while len(sent) < 2:
+            await real_sleep(0.01)
+        await keepalive.stop()
+        return pinged_while_held, spins, sent
+
+    pinged_while_held, spins, sent = asyncio.run(scenario())
+    assert pinged_while_held == []
+    assert spins < 50  # one sleep an interval (about ten), not a busy loop
+    assert sent[:2] == [b"data: 1\n\n", sse.KEEPALIVE]
