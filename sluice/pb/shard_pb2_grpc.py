@@ -84,7 +84,8 @@ class ShardServicer:
     def Generations(self, request_iterator, context):
         """Many generations over one stream, each under an id of the caller's: the router's way. An engine
         step's tokens for all of them travel in one message, where Generate sends one per request per step
-        (each message costs ~45 us of CPU on each side: at c=16 that was the router's largest share).
+        (a message costs ~45 us of CPU on each side: at c=16, a large share of what the router and the shard
+        spent per token).
         Each generation's updates carry what its Generate stream would, in the same order; an error ends
         that generation only. The stream ends when the caller closes its side; every generation still
         running is then cancelled, as is each one the caller cancels.
