@@ -84,7 +84,7 @@ class Replica:
     prefill_tokens_per_s: float = 0.0  # the shard's measured rates, as of the last health check
     decode_step_s: float = 0.0
     waiting: list[Waiting] = field(default_factory=list)  # sent here, no first token yet (router/deadline.py)
-    generations: SharedStream | None = None  # the Generations stream its generations share
+    generations: SharedStream = field(init=False)  # the Generations stream its generations share
 
     def __post_init__(self) -> None:
         self.generations = SharedStream(self.stub)
@@ -226,10 +226,11 @@ class ShardPool:
 
     async def generate(self, request: ShardRequest) -> AsyncIterator[Reply]:
         """Stream one request's tokens (on the replica's shared Generations stream, shard_stream.py). Leaving
-        the loop early (stop sequence, disconnect) cancels the generation, which frees the sequence in the engine. A replica that refuses with UNAVAILABLE before the first
-        reply (draining, or gone) hands the request to another healthy one, if there is one. A replica
-        that fails mid-stream (see _failed) hands over the rest of the generation (router/failover.py),
-        up to max_failovers times: the replies just go on, as if from one replica."""
+        the loop early (stop sequence, disconnect) cancels the generation, which frees the sequence in the
+        engine. A replica that refuses with UNAVAILABLE before the first reply (draining, or gone) hands the
+        request to another healthy one, if there is one. A replica that fails mid-stream (see _failed) hands
+        over the rest of the generation (router/failover.py), up to max_failovers times: the replies just go
+        on, as if from one replica."""
         current, tried, sent, failovers = request, set(), [], 0
         seed = request.params.seed
         while True:

@@ -1,8 +1,8 @@
 """One replica's Generations stream (shard.proto), shared by every generation the router sends there.
 
 The shard sends an engine step's tokens for all of them in one message, where a Generate call per request
-cost one gRPC message per token on each side (~45 us of CPU each; at c=16 that was the router's largest
-share). Here each update goes to its generation's queue. To ShardPool.generate a generation looks like the
+cost one gRPC message per token on each side (~45 us of CPU each; at c=16, a large share of what the router
+and the shard spent per token). Here each update goes to its generation's queue. To ShardPool.generate a generation looks like the
 Generate call it replaces: an async iterator of GenerateResponse that raises grpc.aio.AioRpcError (its
 own error, or the stream's when the stream fails) and ends after the message with the finish reason,
 and cancel(), which makes a pending read raise CancelledError as grpc.aio does.

@@ -10,6 +10,7 @@ Protobuf types stop here: the engine below sees Sequences and SamplingParams onl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import os
@@ -56,9 +57,10 @@ def sampling_params(p: pb.SamplingParams) -> SamplingParams:
 
 
 class Mailbox:
-    """Items from the engine thread to their sinks (an asyncio queue's put_nowait, ...) on one loop. A step's tokens for every sequence are
-    posted within microseconds: the first one wakes the loop (a self-pipe write and a GIL hand-over), the
-    rest ride along, where a `call_soon_threadsafe` each would wake it once per token."""
+    """Items from the engine thread to their sinks (an asyncio queue's put_nowait, ...) on one loop. A step's
+    tokens for every sequence are posted within microseconds: the first one wakes the loop (a self-pipe
+    write and a GIL hand-over), the rest ride along, where a `call_soon_threadsafe` each would wake it once
+    per token."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -154,8 +156,9 @@ class ShardService(pb_grpc.ShardServicer):
         seq = replies.seq
         self.engine.cancel(seq)  # no-op when finished; frees the sequence when the call was cancelled
         # One line per request, with its id and sizes only: prompt text never reaches the shard.
-        log.info("generate %s: %d prompt tokens, %d generated", "finished" if replies.done else "ended early",
-                 seq.prompt_len, len(seq.token_ids) - seq.prompt_len)
+        with _logging_as(replies.log_id):
+            log.info("generate %s: %d prompt tokens, %d generated", "finished" if replies.done else "ended early",
+                     seq.prompt_len, len(seq.token_ids) - seq.prompt_len)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         REQUEST_ID.set(dict(context.invocation_metadata()).get(METADATA_KEY, "-"))
@@ -187,7 +190,7 @@ class ShardService(pb_grpc.ShardServicer):
         post = self._mailbox().post
         posted: list[tuple[int, str, object]] = []
         wake = asyncio.Event()
-        live: dict[int, tuple[_Replies, str]] = {}  # id -> (its replies, its log id)
+        live: dict[int, _Replies] = {}
         starting: dict[int, asyncio.Task] = {}
         closed = False
 
@@ -205,7 +208,7 @@ class ShardService(pb_grpc.ShardServicer):
                 log.exception("starting a generation failed")
                 deliver((req.id, "refused", _Refused(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")))
             else:
-                live[req.id] = replies, req.log_id
+                live[req.id] = replies
             finally:
                 starting.pop(req.id, None)
 
@@ -218,7 +221,7 @@ class ShardService(pb_grpc.ShardServicer):
                         if task is not None:
                             task.cancel()  # not submitted yet (a grammar compiling): nothing to free
                         elif req.id in live:
-                            self._finish(*live.pop(req.id))
+                            self._end(live.pop(req.id))
                     elif req.HasField("start"):
                         starting[req.id] = asyncio.create_task(start(req))
             finally:
@@ -238,18 +241,11 @@ class ShardService(pb_grpc.ShardServicer):
             reader.cancel()
             for task in list(starting.values()):
                 task.cancel()
-            for replies, log_id in live.values():
-                self._finish(replies, log_id)
-
-    def _finish(self, replies: _Replies, log_id: str) -> None:
-        token = REQUEST_ID.set(log_id or "-")
-        try:
-            self._end(replies)
-        finally:
-            REQUEST_ID.reset(token)
+            for replies in live.values():
+                self._end(replies)
 
     def _updates(self, batch: list[tuple[int, str, object]],
-                 live: dict[int, tuple[_Replies, str]]) -> list[pb.GenerationUpdate]:
+                 live: dict[int, _Replies]) -> list[pb.GenerationUpdate]:
         """One update per generation with news, in the order their first news came."""
         events: dict[int, list[tuple[str, object]]] = {}
         for gid, kind, value in batch:
@@ -262,18 +258,17 @@ class ShardService(pb_grpc.ShardServicer):
                 continue
             if gid not in live:
                 continue  # cancelled: whatever the engine sent before it saw that is not wanted
-            replies, log_id = live[gid]
+            replies = live[gid]
             try:
                 updates.append(pb.GenerationUpdate(id=gid, response=replies.message(news)))
             except _Failed as exc:
-                token = REQUEST_ID.set(log_id or "-")
-                log.warning("generation failed: %s", exc)
-                REQUEST_ID.reset(token)
+                with _logging_as(replies.log_id):
+                    log.warning("generation failed: %s", exc)
                 updates.append(pb.GenerationUpdate(id=gid, error_code=grpc.StatusCode.INTERNAL.value[0], error=str(exc)))
-                self._finish(*live.pop(gid))
+                self._end(live.pop(gid))
                 continue
             if replies.done:
-                self._finish(*live.pop(gid))
+                self._end(live.pop(gid))
         return updates
 
 
@@ -296,6 +291,9 @@ class _Replies:
     def __init__(self, seq: Sequence, params: SamplingParams) -> None:
         self.seq, self.params = seq, params
         self.first, self.done = True, False
+        # Started inside its request's context (Generate's metadata, Generations' log_id); its last log
+        # lines are written from the stream's loop, which has none.
+        self.log_id = REQUEST_ID.get()
 
     def message(self, batch: list[tuple[str, object]]) -> pb.GenerateResponse:
         seq, msg = self.seq, pb.GenerateResponse()
@@ -314,6 +312,15 @@ class _Replies:
                 self.done = True
                 break
         return msg
+
+
+@contextlib.contextmanager
+def _logging_as(request_id: str):
+    token = REQUEST_ID.set(request_id)
+    try:
+        yield
+    finally:
+        REQUEST_ID.reset(token)
 
 
 def _token(s: Sampled) -> pb.Token:
