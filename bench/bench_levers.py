@@ -14,6 +14,10 @@ the levers (so load from elsewhere hits each alike). Levers:
   bf16w-compiled the same, compiled
   default        bf16w with a float16 KV cache (the AVX2 default since session 23), eager
   default-compiled the same, compiled
+  default-avx2[-compiled]  default with the weights left unpacked (AVX512-BF16 hosts: our AVX2 kernel
+                 instead of the packed vdpbf16ps one, cpu_kernels.pack)
+A lever may end in ":bfloat16" or ":float32" to run in that dtype instead of --dtype, so two dtypes
+share one run (`--levers default-compiled compiled:bfloat16`).
 Prints ms/step and tok/s per lever, and the one-off compile times.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -46,10 +51,13 @@ def prompt(i: int, n: int) -> list[int]:
 
 def build(source, dtype, lever: str) -> tuple[Engine, float]:
     cpu_kernels.load()
+    lever, _, own_dtype = lever.partition(":")
+    dtype = getattr(torch, own_dtype) if own_dtype else dtype
     matrices = torch.bfloat16 if lever.startswith(("bf16w", "default")) else None
     kv_cache = torch.float16 if lever.startswith("default") else None
-    model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None, matrices=matrices,
-                       kv_cache=kv_cache)
+    with mock.patch.object(cpu_kernels, "pack", lambda w: None) if "avx2" in lever else nullcontext():
+        model = load_model(source, dtype, quantize="int8" if lever.startswith("int8") else None, matrices=matrices,
+                           kv_cache=kv_cache)
     compiled = "compiled" in lever
     engine = Engine(model, EngineConfig(max_batch_total_tokens=16384, compile=compiled), eos_token_ids=[])
     model_runner.CPP_WRAPPER = lever != "compiled-py"

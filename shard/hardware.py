@@ -2,13 +2,18 @@
 cache's dtype, and whether decode steps are compiled.
 
 The rule, from bench/RESULTS.md (SmolLM2-135M, 2-core AMD EPYC hosts, same load generator):
-  * bf16 matmuls are fast only where the CPU has native bf16 (AVX512-BF16 or AMX): there bf16 was ~2x
-    float32 at every batch size. On an AVX2-only host, bf16 took slow paths in every batched step
-    (c=16: 17.9 tok/s bf16 vs 59.6 float32), so float32 is the default there. GPUs: bf16.
-  * Under float32 compute on a CPU, the weight matrices are stored in bfloat16 when our kernel for them
-    runs here (x86 with AVX2 + FMA and a C++ compiler, shard/models/cpu_kernels.py): half the bytes a
-    decode step reads. AVX2 host: the 30 layers' projections 21 -> 8-10 ms at batch 1, 48 -> 28 ms at
-    16 rows, equal at 256 rows. `--dtype float32` keeps float32 weights (exact comparison).
+  * On a CPU where our kernels build (x86 with AVX2 + FMA + F16C and a C++ compiler,
+    shard/models/cpu_kernels.py), compute in float32 with the weight matrices stored in bfloat16: half
+    the bytes a decode step reads, multiplied by our kernel. On AVX512-BF16 CPUs the weights are packed
+    for vdpbf16ps (the rows rounded to bfloat16, summed in float32). Compiled engine steps, Zen 5 host
+    with AVX512-BF16, against bfloat16 compute through oneDNN (the default there before): batch 1 8.5
+    vs 11.8 ms, 16 17.6 vs 27.0, 64 40.7 vs 68.9. AVX2 host: the 30 layers' projections 21 -> 8-10 ms
+    at batch 1, 48 -> 28 ms at 16 rows against float32 weights. `--quantize int8` too: int8 weights
+    through our kernel under float32 rows (Zen 5 host, batch 1: 6.5 ms vs 8.1 with ATen's int8 kernel
+    under bfloat16). `--dtype float32` keeps float32 weights (exact comparison).
+  * Without the kernels: bf16 matmuls are fast only where the CPU has native bf16 (AVX512-BF16 or
+    AMX): there bf16 was ~2x float32 at every batch size. On an AVX2-only host, bf16 took slow paths in
+    every batched step (c=16: 17.9 tok/s bf16 vs 59.6 float32), so float32 there. GPUs: bf16.
   * Under the same conditions the KV cache is float16 (as llama.cpp's default cache): half the bytes decode
     attention reads, widened to float32 by our attention kernel as it loads them. Compiled decode steps at
     batch 16, context ~200: 62.6 -> 56.6 ms. `--kv-cache-dtype float32` keeps a float32 cache.
@@ -35,8 +40,10 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def choose_dtype(requested: str, device: str, quantize: str | None, flags: frozenset[str] | None = None) -> str:
-    """The dtype to compute in: `requested` unless "auto"."""
+def choose_dtype(requested: str, device: str, quantize: str | None, flags: frozenset[str] | None = None,
+                 kernels: bool = False) -> str:
+    """The dtype to compute in: `requested` unless "auto". `kernels`: whether our CPU kernels loaded
+    (shard/models/cpu_kernels.py); they take float32 rows."""
     if quantize and requested == "float16":
         raise ValueError(f"--quantize {quantize} computes in bfloat16 or float32; drop --dtype float16")
     # --quantize leaves the choice as it is: int8 weights work under either compute dtype
@@ -45,6 +52,8 @@ def choose_dtype(requested: str, device: str, quantize: str | None, flags: froze
         return requested
     if device.startswith("cuda"):
         return "bfloat16"
+    if kernels:
+        return "float32"
     return "bfloat16" if NATIVE_BF16_FLAGS & (cpu_flags() if flags is None else flags) else "float32"
 
 

@@ -75,7 +75,6 @@ def _engine_config(settings: ShardSettings, device: str, tp_size: int) -> Engine
 
 def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     device = _device(settings, tp)
-    dtype = choose_dtype(settings.dtype, device, settings.quantize)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     elif tp.size > 1 and not torch.cuda.is_available():
@@ -84,12 +83,15 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     cpu_matmul.use_threads(torch.get_num_threads())
     t0 = time.time()
     # Our CPU kernels take float32 rows and narrow weights: the default's bfloat16 ones, or --quantize's int8.
-    kernels = device == "cpu" and dtype == "float32" and (settings.dtype == "auto" or bool(settings.quantize))
-    kernels = kernels and cpu_kernels.load()
+    wanted = settings.dtype == "auto" or (settings.dtype == "float32" and bool(settings.quantize))
+    kernels = device == "cpu" and wanted and cpu_kernels.load()
+    dtype = choose_dtype(settings.dtype, device, settings.quantize, kernels=kernels)
     matrices = choose_matrices(settings.dtype, dtype, device, kernels)
     kv_cache = choose_kv_cache(settings.kv_cache_dtype, dtype, device, kernels)
     model = load_model(source, DTYPES[dtype], tp, device, settings.quantize, DTYPES[matrices], DTYPES[kv_cache])
     weights = settings.quantize or matrices
+    if model.layers[0].qkv_proj.dim() == 4:
+        weights += " packed for AVX512-BF16"
     log.info("rank %d/%d loaded %s (%s compute, %s weights, %s KV cache) in %.1fs", tp.rank, tp.size,
              source.model_id, dtype, weights, kv_cache, time.time() - t0)
     return model

@@ -125,6 +125,7 @@ def _load() -> bool:
         return False
     # Shapes for torch.compile, which traces the graph without running the kernels.
     torch.library.register_fake("sluice::linear_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("sluice::linear_packed")(lambda x, wp: x.new_empty(x.shape[0], wp.shape[0] * 16))
     torch.library.register_fake("sluice::linear_int8")(lambda x, w, scale: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("sluice::decode_attention")(
         lambda q, k_cache, v_cache, kv_slots, mask, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
@@ -133,7 +134,7 @@ def _load() -> bool:
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether x @ w.T runs in the kernels: float32 rows [M, K] on the CPU, K a multiple of 8, and
-    weights in bfloat16 or int8."""
+    weights in bfloat16 (perhaps `pack`ed) or int8."""
     return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.shape[1] % 8 == 0
             and w.dtype in (torch.bfloat16, torch.int8) and bool(_loaded))
 
@@ -160,8 +161,37 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     return torch.ops.sluice.argmax_logsumexp(logits)
 
 
+def native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16): then bfloat16 weights are packed for
+    `linear`'s vdpbf16ps path."""
+    return "avx512_bf16" in (cpu_flags() if flags is None else flags)
+
+
+def pack(w: torch.Tensor) -> torch.Tensor | None:
+    """bfloat16 weights [N, K] packed [N / 16, K / 2, 16, 2] for cpu_linear.cpp's AVX512-BF16 path; None
+    where that path does not run here or the shape does not fit it (N and K multiples of 16)."""
+    if not (_loaded and native_bf16() and w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu"
+            and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
+        return None
+    return packed_layout(w)
+
+
+def packed_layout(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N / 16, K / 2, 16, 2]: per block of 16 rows, their values at k and k + 1 side by side."""
+    n, k = w.shape
+    return w.view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def packed_rows(wp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of the [N, K] matrix that `pack` packed into wp: a tied vocabulary's embedding lookup."""
+    return wp[rows // 16, :, rows % 16, :].flatten(-2)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x @ (w * scale[:, None]).T; `scale` (float32) with int8 weights only. Check `applies` first."""
+    """x @ (w * scale[:, None]).T; `scale` (float32) with int8 weights only; w may be `pack`ed. Check
+    `applies` first."""
+    if w.dim() == 4:
+        return torch.ops.sluice.linear_packed(x, w)
     if scale is None:
         return torch.ops.sluice.linear_bf16(x, w)
     return torch.ops.sluice.linear_int8(x, w, scale)

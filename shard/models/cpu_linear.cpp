@@ -1,10 +1,13 @@
 // y = x @ w.T for float32 rows x [M, K] and narrow weights w [N, K]: bfloat16, or int8 with one float32
 // scale per row. x86 with AVX2 + FMA; K a multiple of 8. Built and loaded by shard/models/cpu_kernels.py,
 // which says why these exist (MKL has no fast path for either on AVX2) and what they measured.
+// Where the CPU has native bf16 (AVX512-BF16), bfloat16 weights are packed for it (linear_packed): the
+// path is chosen at run time, so one build serves both kinds of host.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -171,6 +174,87 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const float* scale) 
   return y;
 }
 
+// --- AVX512-BF16: packed bfloat16 weights ---------------------------------------------------------------
+// The weights of y = x @ w.T packed as wp [N / 16, K / 2, 16, 2]: for each block of 16 output columns,
+// one 64-byte vector per pair of k holds those 16 columns' weights at k and k + 1 (the pairs vdpbf16ps
+// multiplies). x is rounded to bfloat16, each pair broadcast to all lanes, so an accumulator holds 16
+// output columns: no horizontal sums, and each weight vector read serves MB rows. Summed in float32,
+// stored in float32, and in the same order at every row count: a row's result does not depend on its batch.
+#define SLUICE_NATIVE_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+template <int MB, int NB>
+SLUICE_NATIVE_BF16 inline void packed_tile(const uint32_t* xp, int64_t pairs, const uint32_t* wb, int64_t block_stride,
+                                           float* y, int64_t N) {
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; m++)
+    for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p++) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_si512(wb + j * block_stride + p * 16);
+    for (int m = 0; m < MB; m++) {
+      const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(xp[m * pairs + p])));
+      for (int j = 0; j < NB; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, reinterpret_cast<__m512bh>(wv[j]));
+    }
+  }
+  for (int m = 0; m < MB; m++)
+    for (int j = 0; j < NB; j++) _mm512_storeu_ps(y + m * N + j * 16, acc[m][j]);
+}
+
+// Rows [m0, m1) of x rounded to bfloat16 (to nearest even); K a multiple of 16.
+SLUICE_NATIVE_BF16 void round_rows(const float* x, uint16_t* out, int64_t m0, int64_t m1, int64_t K) {
+  for (int64_t i = m0 * K; i < m1 * K; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i))));
+}
+
+// Column blocks [b0, b1) of every row: one thread's share. Strips of four blocks (64 columns: 4 * K * 32
+// bytes, in L2) pass over all the rows, six at a time (24 accumulators, 4 weight vectors, 1 broadcast).
+SLUICE_NATIVE_BF16 void packed_columns(const uint32_t* xp, const uint32_t* wp, float* y, int64_t M, int64_t N,
+                                       int64_t pairs, int64_t b0, int64_t b1) {
+  const int64_t stride = pairs * 16;
+  auto rows = [&](auto nb, int64_t b) {
+    constexpr int NB = decltype(nb)::value;
+    int64_t m = 0;
+    for (; m + 6 <= M; m += 6) packed_tile<6, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N);
+    switch (M - m) {
+      case 5: packed_tile<5, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
+      case 4: packed_tile<4, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
+      case 3: packed_tile<3, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
+      case 2: packed_tile<2, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
+      case 1: packed_tile<1, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
+    }
+  };
+  int64_t b = b0;
+  for (; b + 4 <= b1; b += 4) rows(std::integral_constant<int, 4>{}, b);
+  for (; b < b1; b++) rows(std::integral_constant<int, 1>{}, b);
+}
+
+at::Tensor linear_packed(const at::Tensor& x_in, const at::Tensor& wp) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "packed bfloat16 weights need AVX512-BF16");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.scalar_type() == at::kBFloat16 &&
+                  wp.is_contiguous(), "packed bfloat16 weights [N / 16, K / 2, 16, 2]");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == wp.size(1) * 2 && x_in.size(1) % 16 == 0 &&
+                  x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "float32 rows [M, K] on the CPU, K a multiple of 16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), blocks = wp.size(0), N = blocks * 16, pairs = K / 2;
+  at::Tensor y = at::empty({M, N}, x.options());
+  std::vector<uint16_t> xb(M * K);
+  const float* xf = x.data_ptr<float>();
+  if (M * K >= 65536)
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) { round_rows(xf, xb.data(), m0, m1, K); });
+  else
+    round_rows(xf, xb.data(), 0, M, K);
+  const auto* xp = reinterpret_cast<const uint32_t*>(xb.data());
+  const auto* w32 = reinterpret_cast<const uint32_t*>(wp.const_data_ptr<c10::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(4, (blocks / at::get_num_threads() + 3) / 4 * 4);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { packed_columns(xp, w32, yp, M, N, pairs, b0, b1); });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------------------
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bfloat16 weights");
   return run(x, w, nullptr);
@@ -187,10 +271,12 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 TORCH_LIBRARY(sluice, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor wp) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_packed", &linear_packed);
   m.impl("linear_int8", &linear_int8);
 }

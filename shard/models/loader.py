@@ -23,7 +23,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from shard.models.llama import LlamaConfig, LlamaModel
-from shard.models.quantize import QUANTIZE, quantize_int8
+from shard.models.quantize import QUANTIZE, pack_bf16, quantize_int8
 from shard.parallel import TPGroup, check_divisible
 from sluice.modelfiles import ModelSource, cache_path
 
@@ -55,6 +55,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
         if QUANTIZE.get(quantize) != "int8":
             raise ValueError(f"--quantize {quantize!r} is not supported: int8 (or its TGI name eetq) is")
         quantize_int8(model)
+    elif matrices == torch.bfloat16 and dtype == torch.float32:
+        pack_bf16(model)  # AVX512-BF16 CPUs only
     return model
 
 

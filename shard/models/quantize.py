@@ -5,6 +5,7 @@ Two narrow forms, both for the matrices only (projections and vocabulary); norms
 and the KV cache stay in the compute dtype:
   * bfloat16 under float32 compute: the default on CPUs without native bf16 (shard/hardware.py), half
     float32's bytes, multiplied by our kernel (shard/models/cpu_kernels.py).
+    Where the CPU has AVX512-BF16 they are packed for its vdpbf16ps instruction (`pack_bf16`).
   * int8 (`--quantize int8`, TGI's `eetq` name accepted): one scale per output row, symmetric
     (absmax / 127), a quarter of float32's bytes. Float32 rows go through our kernel, bfloat16 ones
     (and CPUs without it) through ATen's `_weight_int8pack_mm`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shard.models import cpu_kernels
 from shard.models.llama import LlamaModel
 
 # TGI's --quantize names that mean "int8 weights, compute in the model's dtype" here.
@@ -46,4 +48,16 @@ def quantize_int8(model: LlamaModel) -> LlamaModel:
         q, scale = quantize_rows(getattr(module, name))
         setattr(module, name, nn.Parameter(q, requires_grad=False))
         setattr(module, name + "_scale", nn.Parameter(scale.to(model.dtype), requires_grad=False))
+    return model
+
+
+def pack_bf16(model: LlamaModel) -> LlamaModel:
+    """In place: the bfloat16 matrices our CPU kernel multiplies, packed for AVX512-BF16 where the CPU has
+    it (cpu_kernels.pack; a tied vocabulary is looked up in its packed form). Elsewhere a no-op."""
+    for module, name in _matrices(model):
+        if name == "embed_tokens" and model.lm_head is not None:
+            continue  # looked up only, never multiplied
+        packed = cpu_kernels.pack(getattr(module, name))
+        if packed is not None:
+            setattr(module, name, nn.Parameter(packed, requires_grad=False))
     return model

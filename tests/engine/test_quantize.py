@@ -5,6 +5,8 @@ AVX2 default): exactly float32 math on bf16-rounded weights. A float16 KV cache 
 (the AVX2 default too): decode steps' logits follow a float32 cache's."""
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -38,13 +40,30 @@ def test_bf16_matrices_compute_float32_math_on_rounded_weights(tiny_llama):
     float32 model's with its matrices so rounded (up to summation order)."""
     cpu_kernels.load()
     source = ModelSource("tiny", tiny_llama)
-    narrow, rounded = load_model(source, torch.float32, matrices=torch.bfloat16), load_model(source, torch.float32)
+    with mock.patch.object(cpu_kernels, "pack", lambda w: None):  # packed, the rows are rounded too: below
+        narrow = load_model(source, torch.float32, matrices=torch.bfloat16)
+    rounded = load_model(source, torch.float32)
     assert narrow.layers[0].gate_up_proj.dtype == torch.bfloat16 and narrow.embed_tokens.dtype == torch.bfloat16
     assert narrow.layers[0].input_layernorm.dtype == torch.float32 and narrow.dtype == torch.float32
     for name, p in rounded.named_parameters():
         if p.dim() == 2:
             p.data = p.data.bfloat16().float()
     torch.testing.assert_close(first_logits(narrow), first_logits(rounded), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_kernels.native_bf16(), reason="weights are packed on CPUs with AVX512-BF16")
+def test_packed_matrices_follow_the_unpacked_ones(tiny_llama):
+    """The default on AVX512-BF16 CPUs: the same bf16 matrices packed for vdpbf16ps (a tied vocabulary
+    too, looked up in its packed form), the rows rounded to bf16: logits close to the unpacked model's."""
+    assert cpu_kernels.load()
+    source = ModelSource("tiny", tiny_llama)
+    packed = load_model(source, torch.float32, matrices=torch.bfloat16)
+    with mock.patch.object(cpu_kernels, "pack", lambda w: None):
+        plain = load_model(source, torch.float32, matrices=torch.bfloat16)
+    assert packed.layers[0].gate_up_proj.dim() == 4 and plain.layers[0].gate_up_proj.dim() == 2
+    a, b = first_logits(packed), first_logits(plain)
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())
 
 
 def decode_logits(model, prompts: list[list[int]], new: int,
@@ -83,8 +102,11 @@ def test_a_float16_kv_cache_follows_the_float32_one(tiny_llama):
     if not cpu_kernels.load():
         pytest.skip("the float16 cache is the default only where the kernels run")
     source = ModelSource("tiny", tiny_llama)
-    wide = load_model(source, torch.float32, matrices=torch.bfloat16)
-    narrow = load_model(source, torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16)
+    # Unpacked weights (float32 rows, AVX512-BF16 or not), so the cache is the one difference: packed,
+    # the rows are rounded to bf16, which this random model's near-ties do not survive for 12 tokens.
+    with mock.patch.object(cpu_kernels, "pack", lambda w: None):
+        wide = load_model(source, torch.float32, matrices=torch.bfloat16)
+        narrow = load_model(source, torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16)
     prompts = [[5, 17, 300, 42, 8, 99, 7, 250, 31, 64, 12], [11, 12, 13], [400, 401, 402, 403, 404, 405, 406]]
     tokens, logits = decode_logits(wide, prompts, 12, prefill_tokens=4)
     narrow_tokens, narrow_logits = decode_logits(narrow, prompts, 12, prefill_tokens=4)

@@ -39,6 +39,52 @@ def test_bf16_weights_match_float32_math(threads, rows, n, k):
     torch.testing.assert_close(got, reference(x, w), rtol=1e-4, atol=1e-4 * k**0.5)
 
 
+def test_packed_rows_are_the_matrix_rows():
+    """A tied vocabulary packed for AVX512-BF16 is still looked up by row (any CPU: plain indexing)."""
+    w = torch.randn(48, 96).bfloat16()
+    ids = torch.tensor([0, 15, 16, 47, 3, 3])
+    assert torch.equal(cpu_kernels.packed_rows(cpu_kernels.packed_layout(w), ids), w[ids])
+
+
+native = pytest.mark.skipif(not cpu_kernels.native_bf16(), reason="the packed path runs on CPUs with AVX512-BF16")
+
+
+@native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 64, 130])
+@pytest.mark.parametrize("n, k", [(16, 16), (48, 576), (80, 1552), (1536, 576)])
+def test_packed_weights_multiply_rows_rounded_to_bf16(threads, rows, n, k):
+    """Strips of four column blocks and a tail of single ones (n = 80: 4 + 1), tiles of six rows and
+    every remainder; the rows are rounded to bfloat16 (to nearest even), the sums float32."""
+    torch.manual_seed(rows * 1000 + n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w = torch.randn(rows, k), torch.randn(n, k).bfloat16()
+        got = cpu_kernels.linear(x, cpu_kernels.pack(w), None)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference(x.bfloat16(), w), rtol=1e-4, atol=1e-4 * k**0.5)
+
+
+@native
+def test_a_packed_rows_result_does_not_depend_on_its_batch():
+    """Same order of sums at every row count: a sequence's logits are the same alone or in a batch of 13."""
+    x, w = torch.randn(13, 576), cpu_kernels.pack(torch.randn(1536, 576).bfloat16())
+    batch = cpu_kernels.linear(x, w, None)
+    assert all(torch.equal(cpu_kernels.linear(x[i : i + 1], w, None)[0], batch[i]) for i in range(13))
+
+
+@native
+def test_packed_shapes_that_do_not_fit_are_refused():
+    assert cpu_kernels.pack(torch.randn(20, 64).bfloat16()) is None  # rows not a multiple of 16
+    assert cpu_kernels.pack(torch.randn(16, 40).bfloat16()) is None  # K not a multiple of 16
+    assert cpu_kernels.pack(torch.randn(16, 64)) is None  # float32 weights stay as they are
+    with pytest.raises(RuntimeError, match="K"):
+        torch.ops.sluice.linear_packed(torch.randn(2, 32), cpu_kernels.pack(torch.randn(16, 64).bfloat16()))
+
+
 @pytest.mark.parametrize("rows", [10, 11, 13])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_row_blocks_of_every_tile_shape(rows, dtype):

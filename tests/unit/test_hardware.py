@@ -6,7 +6,16 @@ import pytest
 from shard.hardware import choose_compile, choose_dtype, choose_kv_cache, choose_matrices
 
 
-def test_bf16_only_where_the_cpu_has_native_bf16():
+def test_float32_rows_wherever_our_kernels_run():
+    """Our kernels take float32 rows (bf16 weights, packed for AVX512-BF16 where the CPU has it, or int8)."""
+    native = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_bf16"})
+    assert choose_dtype("auto", "cpu", None, native, kernels=True) == "float32"
+    assert choose_dtype("auto", "cpu", "int8", native, kernels=True) == "float32"
+    assert choose_dtype("bfloat16", "cpu", None, native, kernels=True) == "bfloat16"
+    assert choose_dtype("auto", "cuda:0", None, frozenset(), kernels=True) == "bfloat16"
+
+
+def test_without_the_kernels_bf16_only_where_the_cpu_has_native_bf16():
     assert choose_dtype("auto", "cpu", None, frozenset({"avx2", "fma", "avx512f", "avx512_bf16"})) == "bfloat16"
     assert choose_dtype("auto", "cpu", None, frozenset({"avx2", "amx_bf16"})) == "bfloat16"
     assert choose_dtype("auto", "cpu", None, frozenset({"avx2", "fma", "avx512f"})) == "float32"
