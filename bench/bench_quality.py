@@ -7,7 +7,8 @@ Not a speed benchmark (nothing is timed), but it loads several models: run it al
 Sluice, in-process on token ids (the engine, as `sluice shard` runs it, no compile): the reference is
 float32 weights and compute (equal to transformers: tests/e2e/test_parity.py), against
   * bf16 matrices: weights in bfloat16 under float32 compute, with a float32 or a float16 KV cache
-    (the default on AVX2 CPUs: both narrow);
+    (the CPU default: both narrow); on AVX512-BF16 CPUs packed (the rows rounded to bfloat16 too), and
+    unpacked as AVX2 CPUs run them;
   * int8: `--quantize int8` under float32 compute with a float16 KV cache (AVX2) and under bfloat16
     compute (native-bf16 CPUs).
 Prompts are prefilled PREFILL_CHUNK tokens at a time, as a long prompt is: each chunk reads the earlier
@@ -26,7 +27,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import httpx
 import torch
@@ -99,14 +102,20 @@ def sluice_rows(prompts: list[list[int]], passage: list[int], new: int) -> list[
     reference = continue_greedy(ref_model, prompts, new)
     ref_ppl = perplexity(ref_model, passage)
     rows = [("sluice float32 (reference)", f"{len(reference) * new}/{len(reference) * new}", f"{ref_ppl:.3f}")]
-    forms = [("sluice bf16 matrices, float32 compute and KV cache", dict(dtype=torch.float32, matrices=torch.bfloat16)),
-             ("sluice bf16 matrices, float16 KV cache (AVX2 default)",
+    # On AVX512-BF16 CPUs load_model packs bf16 matrices (cpu_kernels.pack: the rows rounded to bf16 too).
+    packed = " packed (AVX512-BF16)" if cpu_kernels.native_bf16() else ""
+    forms = [(f"sluice bf16 matrices{packed}, float32 compute and KV cache", dict(dtype=torch.float32, matrices=torch.bfloat16)),
+             (f"sluice bf16 matrices{packed}, float16 KV cache (the CPU default)",
               dict(dtype=torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16)),
              ("sluice --quantize int8, float32 compute, float16 KV cache",
               dict(dtype=torch.float32, quantize="int8", kv_cache=torch.float16)),
              ("sluice --quantize int8, bfloat16 compute", dict(dtype=torch.bfloat16, quantize="int8"))]
+    if packed:
+        forms.insert(2, ("sluice bf16 matrices unpacked, float16 KV cache (the AVX2 default)",
+                         dict(dtype=torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16, unpacked=True)))
     for name, kw in forms:
-        model = load_model(source, kw.pop("dtype"), **kw)
+        with mock.patch.object(cpu_kernels, "pack", lambda w: None) if kw.pop("unpacked", False) else nullcontext():
+            model = load_model(source, kw.pop("dtype"), **kw)
         agree, n = agreement(reference, prompts, lambda ps: [o[0] for o in continue_greedy(model, ps, 1)])
         ppl = perplexity(model, passage)
         rows.append((name, f"{agree}/{n} ({agree / n:.1%})", f"{ppl:.3f} ({ppl / ref_ppl - 1:+.2%})"))

@@ -1,6 +1,6 @@
 """Our CPU kernels, built with the machine's C++ compiler at first use, then cached:
   * cpu_linear.cpp: float32 rows times bfloat16 weights, and times int8 weights with a float32 scale
-    per row;
+    per row; on CPUs with AVX512-BF16, times bfloat16 weights packed for vdpbf16ps (`pack`);
   * cpu_attention.cpp: decode attention over float32 or float16 paged KV caches, read in place;
   * cpu_sampling.cpp: each sampling row's argmax and logsumexp from one read of its logits.
 
@@ -21,6 +21,16 @@ half the bytes of float32, as fast as MKL's float32 for prompt chunks. Decode at
 fused gather-and-reduce cost 13 ms a step for context 20 -> 200 at batch 16, the kernel 7 ms. Where the
 kernels cannot be built (no compiler, not x86 with AVX2 + FMA) the weights stay in the compute dtype
 and attention runs in PyTorch, as before.
+
+On CPUs with AVX512-BF16 (Zen 4/5, Sapphire Rapids and later) the bfloat16 weights are packed so that
+vdpbf16ps multiplies 32 of them per instruction into 16 output columns, the rows rounded to bfloat16
+(as oneDNN's bf16 matmul does, but summed and stored in float32). The 30 layers' projections on a
+2-core Zen 5 host (bench/RESULTS.md, session 25):
+
+  rows                          1        4        16       64       512
+  bfloat16, the AVX2 kernel     2.9 ms   6.6 ms   18.0 ms  62.5 ms  533 ms
+  bfloat16 rows, oneDNN         6.9      7.1      9.9      22.2     153
+  packed, vdpbf16ps             2.2      2.5      5.4      17.8     132
 """
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
                kv_cache: torch.dtype | None = None) -> LlamaModel:
     """`dtype`: the compute dtype. `quantize`: None, or a name in shard.models.quantize.QUANTIZE.
     `matrices`: the dtype the projections and vocabulary are stored in, if not `dtype` (the norms keep
-    `dtype`): bfloat16 under float32 compute is the default on CPUs without native bf16. `kv_cache`:
+    `dtype`): bfloat16 under float32 compute is the default on CPUs where our kernels run (packed for
+    AVX512-BF16 where the CPU has it, quantize.pack_bf16). `kv_cache`:
     the KV cache's dtype, if not `dtype` (float16 under float32 compute where our CPU attention runs)."""
     tp = tp or TPGroup()
     cfg, get = _open_gguf(source.path) if source.is_gguf else _open_hf(source.path)

@@ -3,7 +3,7 @@
 A decode step reads every weight once per step, so at small batches its time is the bytes read.
 Two narrow forms, both for the matrices only (projections and vocabulary); norms, biases, activations
 and the KV cache stay in the compute dtype:
-  * bfloat16 under float32 compute: the default on CPUs without native bf16 (shard/hardware.py), half
+  * bfloat16 under float32 compute: the default on CPUs where our kernels run (shard/hardware.py), half
     float32's bytes, multiplied by our kernel (shard/models/cpu_kernels.py).
     Where the CPU has AVX512-BF16 they are packed for its vdpbf16ps instruction (`pack_bf16`).
   * int8 (`--quantize int8`, TGI's `eetq` name accepted): one scale per output row, symmetric
