@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -28,15 +28,27 @@ log = logging.getLogger("sluice.engine")
 # contexts of 30-90 tokens (bench/RESULTS.md, session 19).
 L_ALIGN = 16
 
-# Compiled decode steps run their layers in groups of this many, one graph per group, so that the
-# engine can let an urgent newcomer's prompt in between two groups (Engine._between_layers): SmolLM2's
-# 30 layers make 3 groups, and a newcomer waits for at most a third of a decode step (~95 ms at batch
-# 49) instead of all of it. Smaller groups would cut that wait further, for more graphs to compile and
-# more boundaries per step, where the hidden states leave one graph and enter the next unfused.
+# Compiled decode steps of 2 or more rows run their layers in groups of this many, one graph per group,
+# so that the engine can let an urgent newcomer's prompt in between two groups (Engine._between_layers):
+# SmolLM2's 30 layers make 3 groups, and a newcomer waits for at most a third of a decode step (~95 ms
+# at batch 49) instead of all of it. Smaller groups would cut that wait further, for more graphs to
+# compile and more boundaries per step, where the hidden states leave one graph and enter the next
+# unfused. A batch of one runs the whole model as one graph: its step is short (~8 ms), and each group
+# boundary cost it its own guard check and graph call (one graph: batch 1 10.9 -> 10.4 ms a step,
+# Zen 5 host, bench/RESULTS.md session 25).
 LAYERS_PER_COMPILED_GROUP = 10
 
 # A stage of a step: runs some consecutive layers, (x, cos, sin, batch, kv_caches) -> x.
 LayerGroup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, list], torch.Tensor]
+
+
+class CompiledDecode(NamedTuple):
+    """The compiled layer groups: `single` for a step of one row (the whole model), `batched` for more."""
+    single: list[LayerGroup]
+    batched: list[LayerGroup]
+
+    def groups(self, rows: int) -> list[LayerGroup]:
+        return self.single if rows == 1 else self.batched
 
 
 @dataclass
@@ -106,12 +118,12 @@ def configure_inductor(model: LlamaModel) -> None:
     torch._inductor.config.cpp_wrapper = CPP_WRAPPER
 
 
-def compile_decode(model: LlamaModel) -> list[LayerGroup]:
+def compile_decode(model: LlamaModel) -> CompiledDecode:
     """torch.compile of the model's layer groups (LAYERS_PER_COMPILED_GROUP) for decode-only steps.
     Eager, each step pays a fixed ~8-15 ms of Python and ATen dispatch over ~700 small ops; the
-    compiled graphs fuse them. Two graphs per group: batch 1, and every batch of 2 or more (a dynamic
-    dimension, measured as fast as one graph per padded batch size, and compiled once instead of
-    seven times). The embeddings and rotary tables stay eager (a few small ops). See ModelRunner.warm_up."""
+    compiled graphs fuse them. One graph for batch 1 (the whole model), and one per layer group for every
+    batch of 2 or more (a dynamic dimension, measured as fast as one graph per padded batch size, and
+    compiled once instead of seven times). The embeddings and rotary tables stay eager (a few small ops). See ModelRunner.warm_up."""
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)
@@ -119,9 +131,10 @@ def compile_decode(model: LlamaModel) -> list[LayerGroup]:
     configure_inductor(model)  # in the engine's thread too, where a graph whose guards fail later recompiles
     groups = layer_groups(model, LAYERS_PER_COMPILED_GROUP)
     # The groups share one function's code, and dynamo's limit on graphs per code (8) would send a
-    # deep model's later groups back to eager: room for both graphs of every group.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(groups))
-    return [torch.compile(group, dynamic=False) for group in groups]
+    # deep model's later groups back to eager: room for every graph.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(groups) + 1)
+    return CompiledDecode(single=[torch.compile(g, dynamic=False) for g in layer_groups(model, len(model.layers))],
+                          batched=[torch.compile(g, dynamic=False) for g in groups])
 
 
 class ModelRunner:
@@ -132,14 +145,14 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.embed_tokens.device
         self.kv_caches = allocate_kv_caches(model, num_blocks * block_size)
-        self._compiler: list[LayerGroup] | None = compile_decode(model) if compile else None
+        self._compiler: CompiledDecode | None = compile_decode(model) if compile else None
         # The compiled layer groups once warm_up has built them; None: eager. Benchmarks swap them.
-        self.compiled: list[LayerGroup] | None = None
+        self.compiled: CompiledDecode | None = None
         # Eager steps run one layer at a time: a check between two layers costs microseconds.
         self._eager = layer_groups(model, 1)
 
     def warm_up(self, background: bool = False) -> None:
-        """Compile both decode graphs of every layer group (minutes in all on a small CPU)
+        """Compile the decode graphs, batch 1 and the groups' for more rows (minutes in all on a small CPU)
         by running them once on dummy rows, then use them: compiled lazily, the first request of each
         kind would stall every stream in its batch that long. The dummy rows write their K/V into block 0, which the block
         manager never hands out, so this may run in a thread of its own while the engine serves."""
@@ -165,7 +178,7 @@ class ModelRunner:
             return
         self.compiled = self._compiler
 
-    def _warm_up(self, compiled: list[LayerGroup]) -> None:
+    def _warm_up(self, compiled: CompiledDecode) -> None:
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.long, device=self.device)
@@ -177,7 +190,7 @@ class ModelRunner:
                 mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
                 batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask)
                 self._mark_dynamic(batch)
-                self._hidden(zeros(batch_size), zeros(batch_size), batch, compiled)
+                self._hidden(zeros(batch_size), zeros(batch_size), batch, compiled.groups(batch_size))
         log.info("compiled the decode graphs in %.1fs: decode steps use them from now on", time.monotonic() - t0)
 
     @staticmethod
@@ -223,7 +236,7 @@ class ModelRunner:
 
     # --- every rank -----------------------------------------------------------------------
     def _forward(self, inputs: StepInputs, between_layers: Callable[[], None] | None = None) -> torch.Tensor | None:
-        groups = self.compiled if inputs.compiled else None
+        groups = self.compiled.groups(inputs.ids.shape[0]) if inputs.compiled else None
         hidden = self._hidden(inputs.ids, inputs.positions, inputs.batch, groups, between_layers)
         if not inputs.rows:
             return None
