@@ -25,12 +25,12 @@ and attention runs in PyTorch, as before.
 On CPUs with AVX512-BF16 (Zen 4/5, Sapphire Rapids and later) the bfloat16 weights are packed so that
 vdpbf16ps multiplies 32 of them per instruction into 16 output columns, the rows rounded to bfloat16
 (as oneDNN's bf16 matmul does, but summed and stored in float32). The 30 layers' projections on a
-2-core Zen 5 host (bench/RESULTS.md, session 25):
+2-core Zen 5 host, each layer's own weights (212 MB, read from memory; bench/RESULTS.md, session 25):
 
-  rows                          1        4        16       64       512
-  bfloat16, the AVX2 kernel     2.9 ms   6.6 ms   18.0 ms  62.5 ms  533 ms
-  bfloat16 rows, oneDNN         6.9      7.1      9.9      22.2     153
-  packed, vdpbf16ps             2.2      2.5      5.4      17.8     132
+  rows                          1        4        16       64       512 (compute-bound)
+  bfloat16, the AVX2 kernel     5.1 ms   8.0 ms   20.8 ms  71.9 ms  533 ms
+  bfloat16 rows, oneDNN         12.9     14.2     17.3     38.2     153
+  packed, vdpbf16ps             4.1      5.3      7.9      21.2     132
 """
 from __future__ import annotations
 
