@@ -18,9 +18,10 @@ class ShardSettings:
     address: str = option("unix:///tmp/sluice-shard.sock", env="SHARD_ADDRESS", only=SHARD,
                           help="where to serve gRPC: unix:///path.sock or host:port (beyond localhost needs --allow-remote)")
     dtype: str = option("auto", env="DTYPE", choices=DTYPES,
-                        help="auto: bfloat16 on GPUs and on CPUs with native bf16 (avx512_bf16 or AMX), "
-                             "else float32 compute with the weight matrices stored in bfloat16 where our AVX2 "
-                             "kernels build (shard/hardware.py); float32: float32 weights too (exact)")
+                        help="auto: on CPUs where our kernels build (x86 AVX2 + FMA), float32 compute with the "
+                             "weight matrices stored in bfloat16 (packed for vdpbf16ps on AVX512-BF16); else "
+                             "bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere (shard/hardware.py); "
+                             "float32: float32 weights too (exact)")
     quantize: str | None = option(None, env="QUANTIZE", choices=("int8", "eetq"),
                                   help="int8 weight-only projections and vocabulary (eetq: TGI's name for it), "
                                        "computed in the --dtype: a quarter of float32's bytes per decode step")

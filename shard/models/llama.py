@@ -125,8 +125,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T. w in the compute dtype, in bfloat16 while x is float32 (the default on CPUs without
-    native bf16), or int8 with one scale per output row (--quantize int8, shard/models/quantize.py)."""
+    """x @ w.T. w in the compute dtype, in bfloat16 while x is float32 (the default on CPUs where our
+    kernels run; packed for AVX512-BF16 where the CPU has it, cpu_kernels.pack), or int8 with one scale per
+    output row (--quantize int8, shard/models/quantize.py)."""
     if cpu_kernels.applies(x, w):
         out = cpu_kernels.linear(x, w, scale)  # narrow weights, float32 rows, on the CPU
     elif scale is not None:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from shard.hardware import choose_dtype
+from shard.models import cpu_kernels
 
 N = 12
 CHAT_BODY = {"model": "tgi", "messages": [{"role": "user", "content": "What is deep learning?"}],
@@ -114,8 +115,8 @@ def test_truncate_keeps_the_end_of_the_input(smol):
 def test_info_health_models(smol):
     info = smol.get("/info").json()
     assert info["model_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    # The default dtype is chosen per machine (shard/hardware.py): bf16 where the CPU has it natively.
-    assert info["model_dtype"] == choose_dtype("auto", "cpu", None)
+    # The default dtype is chosen per machine (shard/hardware.py): float32 rows where our CPU kernels load.
+    assert info["model_dtype"] == choose_dtype("auto", "cpu", None, kernels=cpu_kernels.load())
     assert info["max_concurrent_requests"] == 16
     assert info["max_input_tokens"] < info["max_total_tokens"]
     assert info["num_shard"] == 1 and info["router"] == "sluice" and info["version"]
