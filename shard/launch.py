@@ -89,10 +89,10 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     matrices = choose_matrices(settings.dtype, dtype, device, kernels)
     kv_cache = choose_kv_cache(settings.kv_cache_dtype, dtype, device, kernels)
     model = load_model(source, DTYPES[dtype], tp, device, settings.quantize, DTYPES[matrices], DTYPES[kv_cache])
-    weights = settings.quantize or matrices
+    weights = f"{settings.quantize or matrices} weights"
     if model.layers[0].qkv_proj.dim() == 4:
         weights += " packed for AVX512-BF16"
-    log.info("rank %d/%d loaded %s (%s compute, %s weights, %s KV cache) in %.1fs", tp.rank, tp.size,
+    log.info("rank %d/%d loaded %s (%s compute, %s, %s KV cache) in %.1fs", tp.rank, tp.size,
              source.model_id, dtype, weights, kv_cache, time.time() - t0)
     return model
 
