@@ -6,8 +6,8 @@ The rule, from bench/RESULTS.md (SmolLM2-135M, 2-core AMD EPYC hosts, same load 
     shard/models/cpu_kernels.py), compute in float32 with the weight matrices stored in bfloat16: half
     the bytes a decode step reads, multiplied by our kernel. On AVX512-BF16 CPUs the weights are packed
     for vdpbf16ps (the rows rounded to bfloat16, summed in float32). Compiled engine steps, Zen 5 host
-    with AVX512-BF16, against bfloat16 compute through oneDNN (the default there before): batch 1 8.5
-    vs 11.8 ms, 16 17.6 vs 27.0, 64 40.7 vs 68.9. AVX2 host: the 30 layers' projections 21 -> 8-10 ms
+    with AVX512-BF16, against bfloat16 compute through oneDNN (the default there before): batch 1 8.1
+    vs 11.1 ms, 16 16.4 vs 28.0, 64 33.5 vs 71.2. AVX2 host: the 30 layers' projections 21 -> 8-10 ms
     at batch 1, 48 -> 28 ms at 16 rows against float32 weights. `--quantize int8` too: int8 weights
     through our kernel under float32 rows (Zen 5 host, batch 1: 6.5 ms vs 8.1 with ATen's int8 kernel
     under bfloat16). `--dtype float32` keeps float32 weights (exact comparison).
