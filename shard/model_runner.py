@@ -123,7 +123,8 @@ def compile_decode(model: LlamaModel) -> CompiledDecode:
     Eager, each step pays a fixed ~8-15 ms of Python and ATen dispatch over ~700 small ops; the
     compiled graphs fuse them. One graph for batch 1 (the whole model), and one per layer group for every
     batch of 2 or more (a dynamic dimension, measured as fast as one graph per padded batch size, and
-    compiled once instead of seven times). The embeddings and rotary tables stay eager (a few small ops). See ModelRunner.warm_up."""
+    compiled once instead of seven times). The embeddings and rotary tables stay eager (a few small ops).
+    See ModelRunner.warm_up."""
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
     import torch._dynamo  # noqa: F401  (ModelRunner._mark_dynamic)

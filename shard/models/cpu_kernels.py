@@ -171,10 +171,10 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     return torch.ops.sluice.argmax_logsumexp(logits)
 
 
-def native_bf16(flags: frozenset[str] | None = None) -> bool:
+def native_bf16() -> bool:
     """Whether the CPU multiplies bfloat16 natively (AVX512-BF16): then bfloat16 weights are packed for
     `linear`'s vdpbf16ps path."""
-    return "avx512_bf16" in (cpu_flags() if flags is None else flags)
+    return "avx512_bf16" in cpu_flags()
 
 
 def pack(w: torch.Tensor) -> torch.Tensor | None:
