@@ -33,22 +33,20 @@ L_ALIGN = 16
 # SmolLM2's 30 layers make 3 groups, and a newcomer waits for at most a third of a decode step (~95 ms
 # at batch 49) instead of all of it. Smaller groups would cut that wait further, for more graphs to
 # compile and more boundaries per step, where the hidden states leave one graph and enter the next
-# unfused. A batch of one runs the whole model as one graph: its step is short (~8 ms), and each group
-# boundary cost it its own guard check and graph call (one graph: batch 1 10.9 -> 10.4 ms a step,
-# Zen 5 host, bench/RESULTS.md session 25).
+# unfused. A step of one row is one graph from the ids to the logits (OneRowStep).
 LAYERS_PER_COMPILED_GROUP = 10
 
 # A stage of a step: runs some consecutive layers, (x, cos, sin, batch, kv_caches) -> x.
 LayerGroup = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionBatch, list], torch.Tensor]
+# A whole step of one row: (ids, positions, batch, kv_caches) -> float32 logits [1, vocab].
+OneRowStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch, list], torch.Tensor]
 
 
 class CompiledDecode(NamedTuple):
-    """The compiled layer groups: `single` for a step of one row (the whole model), `batched` for more."""
-    single: list[LayerGroup]
+    """The compiled decode steps: `single` for a step of one row (embeddings, every layer and the logits in
+    one graph), `batched` the layer groups for steps of more rows."""
+    single: OneRowStep
     batched: list[LayerGroup]
-
-    def groups(self, rows: int) -> list[LayerGroup]:
-        return self.single if rows == 1 else self.batched
 
 
 @dataclass
@@ -133,8 +131,8 @@ def compile_decode(model: LlamaModel) -> CompiledDecode:
     groups = layer_groups(model, LAYERS_PER_COMPILED_GROUP)
     # The groups share one function's code, and dynamo's limit on graphs per code (8) would send a
     # deep model's later groups back to eager: room for every graph.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(groups) + 1)
-    return CompiledDecode(single=[torch.compile(g, dynamic=False) for g in layer_groups(model, len(model.layers))],
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(groups))
+    return CompiledDecode(single=torch.compile(model.decode_logits, dynamic=False),
                           batched=[torch.compile(g, dynamic=False) for g in groups])
 
 
@@ -191,7 +189,10 @@ class ModelRunner:
                 mask = (torch.arange(L_ALIGN, device=self.device) == 0).repeat(batch_size, 1, 1)
                 batch = AttentionBatch(zeros(batch_size), zeros(batch_size, L_ALIGN), mask)
                 self._mark_dynamic(batch)
-                self._hidden(zeros(batch_size), zeros(batch_size), batch, compiled.groups(batch_size))
+                if batch_size == 1:
+                    compiled.single(zeros(1), zeros(1), batch, self.kv_caches)
+                else:
+                    self._hidden(zeros(batch_size), zeros(batch_size), batch, compiled.batched)
         log.info("compiled the decode graphs in %.1fs: decode steps use them from now on", time.monotonic() - t0)
 
     @staticmethod
@@ -237,7 +238,16 @@ class ModelRunner:
 
     # --- every rank -----------------------------------------------------------------------
     def _forward(self, inputs: StepInputs, between_layers: Callable[[], None] | None = None) -> torch.Tensor | None:
-        groups = self.compiled.groups(inputs.ids.shape[0]) if inputs.compiled else None
+        if inputs.compiled and inputs.ids.shape[0] == 1:
+            # One graph from the ids to the logits. Its guards go unchecked: dynamo's check of the ~300
+            # weight and cache tensors took ~0.1-0.3 ms of a ~7 ms step (bench/RESULTS.md, session 26), and
+            # nothing they guard changes after warm-up (the same model, caches and dtypes; the context
+            # length is a dynamic dimension). Where the code has several compiled entries (several models
+            # in one process), dynamo still checks the guards that tell them apart.
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                logits = self.compiled.single(inputs.ids, inputs.positions, inputs.batch, self.kv_caches)
+            return logits if inputs.rows else None  # a one-token prompt chunk that neither samples nor scores
+        groups = self.compiled.batched if inputs.compiled else None
         hidden = self._hidden(inputs.ids, inputs.positions, inputs.batch, groups, between_layers)
         if not inputs.rows:
             return None

@@ -347,9 +347,19 @@ class LlamaModel(nn.Module):
             x = self.layers[i](x, cos, sin, batch, *kv_caches[i])
         return x
 
+    def decode_logits(self, ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+                      kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """A step's float32 logits for every row, from the ids: the compiled step of one row
+        (shard/model_runner.py) is this whole function, one graph."""
+        return self.logits_of(self.hidden_states(ids, positions, batch, kv_caches))
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [n, vocab] for the rows that sample (one per sequence, not per token)."""
+        return self.logits_of(hidden)
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`logits` without its inference_mode decorator (see `hidden_states`)."""
         h = rms_norm(hidden, self.norm, self.cfg.rms_norm_eps)
         if self.lm_head is None:
             local = linear(h, self.embed_tokens, self.embed_tokens_scale).float()

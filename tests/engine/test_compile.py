@@ -68,6 +68,24 @@ def test_compiled_decode_equals_eager(tiny_llama, matrices):
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_steps_of_one_row_run_their_own_models_graph_with_guards_skipped(tiny_llama):
+    """A step of one row skips dynamo's guard checks (model_runner.ModelRunner._forward). Two models in
+    one process compile the same code; the checks that tell their graphs apart still run, so each model's
+    steps run its own graph, whichever compiled last."""
+    import torch._dynamo
+
+    first = load_model(ModelSource("tiny", tiny_llama), torch.float32)
+    other = load_model(ModelSource("tiny", tiny_llama), torch.float32)
+    other.norm.data.neg_()  # the logits negated: other greedy ids
+    eager = [greedy(first, compile=False), greedy(other, compile=False)]
+    assert eager[0] != eager[1]
+    torch._dynamo.reset()
+    assert greedy(first, compile=True) == eager[0]
+    assert greedy(other, compile=True) == eager[1]
+    assert greedy(first, compile=True) == eager[0]  # its graph no longer the newest
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_llama, monkeypatch):
     """The default: requests run while the graphs compile in a thread, with inductor's settings (its
     config is thread-local: set only in the engine's thread, the graphs compiled without freezing);
@@ -112,7 +130,7 @@ def test_background_compile_serves_eagerly_then_switches_with_the_same_ids(tiny_
 @pytest.mark.filterwarnings("ignore")
 def test_layer_groups_compile_once_and_let_a_newcomer_in_between(tiny_llama, monkeypatch):
     """One graph per layer group (here one layer each: two groups) for batches of more than one row,
-    and one of the whole model for batch 1, all built by warm_up; a newcomer that arrives during a compiled decode step runs its prompt between two groups,
+    and one from the ids to the logits for batch 1, all built by warm_up; a newcomer that arrives during a compiled decode step runs its prompt between two groups,
     gets its first token first, and every greedy id stays as eager."""
     import torch._dynamo
 
@@ -136,8 +154,8 @@ def test_layer_groups_compile_once_and_let_a_newcomer_in_between(tiny_llama, mon
     # ~12 s of g++ to the suite (test_compiled_decode_equals_eager compiles the C++ ones).
     monkeypatch.setattr(model_runner, "CPP_WRAPPER", False)
     engine.warm_up()
-    # Batch 1 as one graph of the whole model, batches of more rows as one graph per group.
-    assert len(engine.runner.compiled.batched) == 2 and len(engine.runner.compiled.single) == 1
+    # Batch 1 as one graph from the ids to the logits, batches of more rows as one graph per group.
+    assert len(engine.runner.compiled.batched) == 2
     assert counters["stats"]["unique_graphs"] == 3
     events: list[tuple[str, int]] = []
     seqs = [Sequence(str(i), ids, SamplingParams(), NEW_TOKENS[i], lambda kind, v, i=i: events.append((str(i), v.token_id)))
