@@ -90,7 +90,7 @@ def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: i
 
 def row(name: str, s: dict) -> str:
     return (f"{name:<22s}{s['tok_s']:>10.1f}{s['ttft_p50']:>12.0f}{s['itl_p50']:>11.1f}"
-            f"{s['itl_p95']:>11.1f}{s['out_per_req']:>9.1f}{s['failed']:>8d}")
+            f"{s['itl_p95']:>11.1f}{s['out_per_req']:>9.1f}{int(s['failed']):>8d}")
 
 
 def main() -> None:
@@ -163,7 +163,9 @@ def main() -> None:
           f"prompts, {args.output_tokens} output tokens (x (1 +- {args.length_spread}), ignore_eos); medians over the rounds")
     print(f"{'':<22s}{'out tok/s':>10s}{'TTFT p50 ms':>12s}{'ITL p50 ms':>11s}{'ITL p95 ms':>11s}{'out/req':>9s}"
           f"{'failed':>8s}{'client CPU':>12s}")
-    median = {side: {k: statistics.median(s[k] for s, _ in runs[side]) for k in runs[side][0][0]} for side in sides}
+    # The summaries' numbers only (a median of an even count averages its middle two).
+    median = {side: {k: statistics.median(s[k] for s, _ in runs[side]) for k, v in runs[side][0][0].items()
+                     if isinstance(v, (int, float))} for side in sides}
     for side in sides:
         cpu = statistics.median(c for _, c in runs[side])
         print(row(side, median[side]) + (f"{100 * cpu:>10.1f} %" if side != sides[0] else ""))
