@@ -156,6 +156,9 @@ void attend(const float* qp, const T* kp, const T* vp, const int64_t* sp, const 
         for (int j = 0; j < G; j++) {
           float* pj = p.data() + j * ps;
           const int64_t n8 = (n + 7) / 8 * 8;
+          // Three heads' blocks are 4 keys wide: up to n8 the scores may be another item's, which could
+          // raise the maximum (and the rounding would depend on what ran before). Padding scores, as above.
+          for (int64_t t = n; t < n8; t++) pj[t] = pj[n - 1];
           __m256 top = _mm256_loadu_ps(pj);
           for (int64_t t = 8; t < n8; t += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(pj + t));
           top = _mm256_max_ps(top, _mm256_permute2f128_ps(top, top, 1));

@@ -165,6 +165,15 @@ def test_decode_attention_matches_the_gathered_softmax(hq, hkv, d, cache_dtype, 
     scores = (torch.matmul(q.view(B, hkv, hq // hkv, d).double(), keys) * d**-0.5).masked_fill(~mask[:, None], float("-inf"))
     want = torch.matmul(torch.softmax(scores, -1), values).reshape(B, hq * d).float()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Alone, the same bits as in the batch: a row's scores never meet another row's (the kernel's blocks of
+    # four keys leave a few stale scores below the next multiple of eight, overwritten before the softmax).
+    torch.set_num_threads(threads)
+    try:
+        for b in range(B):
+            alone = cpu_kernels.decode_attention(q[b:b + 1], k_cache, v_cache, kv_slots[b:b + 1], mask[b:b + 1], d**-0.5)
+            assert torch.equal(alone[0], got[b]), b
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_decode_attention_refuses_slots_outside_the_cache():
