@@ -25,7 +25,7 @@ def reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = Non
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 16, 50, 130])
-@pytest.mark.parametrize("n, k", [(1, 8), (7, 64), (100, 576), (36, 1544)])
+@pytest.mark.parametrize("n, k", [(1, 8), (7, 64), (100, 576), (36, 1544), (20, 1560)])
 def test_bf16_weights_match_float32_math(threads, rows, n, k):
     torch.manual_seed(rows * 1000 + n)
     before = torch.get_num_threads()
@@ -99,11 +99,12 @@ def test_row_blocks_of_every_tile_shape(rows, dtype):
     torch.testing.assert_close(cpu_kernels.linear(x, w, scale), reference(x, w, scale), rtol=1e-4, atol=1e-4 * 8192**0.5)
 
 
+@pytest.mark.parametrize("k", [576, 1560])  # AVX-512 hosts: 64 weights a step, then 16, then 8
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_int8_weights_apply_their_row_scales(rows):
+def test_int8_weights_apply_their_row_scales(rows, k):
     torch.manual_seed(rows)
-    x = torch.randn(rows, 576)
-    q, scale = quantize_rows(torch.randn(300, 576) * torch.linspace(0.01, 2, 300)[:, None])
+    x = torch.randn(rows, k)
+    q, scale = quantize_rows(torch.randn(300, k) * torch.linspace(0.01, 2, 300)[:, None])
     torch.testing.assert_close(cpu_kernels.linear(x, q, scale), reference(x, q, scale), rtol=1e-4, atol=1e-4)
 
 
