@@ -25,10 +25,10 @@ arrivals spread over milliseconds and it breaks. That is the workload's artifact
 a round, and no side keeps a cohort (nor does real traffic).
 
 Through HTTP the server is driven twice a round, by two streaming /v1/completions load generators:
-bench_llamacpp's (httpx) and sse_client's (a bare asyncio protocol). Both share the two cores with the
+bench_llamacpp's (httpx) and sse_client's (a bare asyncio protocol, on uvloop). Both share the two cores with the
 server, and whatever CPU the generator takes the engine loses (it has no counterpart in-process): httpx
-costs ~4% of a core at c=16, the lean one about a third of that, so the lean row is the closer measure of
-the server's own overhead. Overhead = 1 - HTTP tok/s / in-process tok/s (issue 11's target: at most 5% at
+costs ~4% of a core at c=16, the lean one (on uvloop: ~34 us a token against ~50 on asyncio's own loop, Zen
+5 host) about a third of that, so the lean row is the closer measure of the server's own overhead. Overhead = 1 - HTTP tok/s / in-process tok/s (issue 11's target: at most 5% at
 c=16).
 """
 from __future__ import annotations
@@ -143,9 +143,10 @@ def main() -> None:
                         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
                         if side == sides[0]:
                             results, wall = local_round(engine, tok, prompts, args.concurrency, lengths)
+                        elif side == sides[1]:
+                            results, wall = sse_client.run(sse_client.drive(url, prompts, args.concurrency, lengths))
                         else:
-                            generator = sse_client.drive if side == sides[1] else drive
-                            results, wall = asyncio.run(generator(url, prompts, args.concurrency, lengths))
+                            results, wall = asyncio.run(drive(url, prompts, args.concurrency, lengths))
                         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
                         client = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
                         runs[side].append((summarize(results, wall), client))
