@@ -3,7 +3,7 @@
     python bench/bench_llamacpp.py [--concurrency 1 16 64] [--requests N] [--prompt-tokens 128]
         [--output-tokens 128] [--long-prompt-tokens 1500] [--prefix-tokens 1000]  (0: skip that scenario)
         [--formats Q4_1 Q8_0 BF16] [--sluice-flags "--dtype float32" --sluice-flags "--dtype bfloat16"]
-        [--llama-server PATH] [--llama-quantize PATH] [--skip-llamacpp] [--skip-sluice] [--json OUT]
+        [--llama-server PATH] [--llama-quantize PATH] [--skip-llamacpp] [--skip-sluice] [--rounds N] [--json OUT]
 
 NEVER run it while anything else runs on the machine: every number is wall-clock on shared cores.
 
@@ -26,6 +26,10 @@ exactly --output-tokens; the "out/req" column shows what actually came back (a s
 server stopped early, e.g. ignoring ignore_eos). Prompts are varied text, unique per request (a
 distinct random word sequence each), so no prefix cache helps except in the prefix scenario.
 
+With --rounds N (N > 1) every server is up at once and they take turns, round after round, on fresh
+prompts each round; each figure is the median over the rounds (one stream's ITL moved by up to 20% between
+runs minutes apart on a shared host, on both sides).
+
 The table has one block per scenario, a row per server, and a ratio row: Sluice (each configuration)
 divided by llama.cpp's best format for that metric (highest for throughputs, lowest for latencies,
 named in the cell), so >1 is better for throughput and <1 is better for latency.
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -396,6 +401,36 @@ def measure(url: str, args: argparse.Namespace, seed: int) -> dict[str, dict]:
         loop.close()
 
 
+def measure_in_turns(servers: list[tuple[str, contextlib.AbstractContextManager[str]]],
+                     args: argparse.Namespace) -> dict[str, dict[str, dict]]:
+    """Every server up at once; round after round each runs every scenario in turn while the others idle,
+    on that round's prompts (the same for every server, fresh each round). On a shared host the speed drifts
+    over minutes: servers measured one after another, minutes apart, differed by as much as the drift
+    (one stream's ITL by up to 20% from one run to the next). Each figure: the median over the rounds."""
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(server) for name, server in servers}
+        rounds: dict[str, list[dict[str, dict]]] = {name: [] for name in urls}
+        for r in range(args.rounds):
+            for name, url in urls.items():
+                print(f"[round {r + 1}/{args.rounds}] {name}", flush=True)
+                rounds[name].append(measure(url, args, seed=1 + r))
+    results: dict[str, dict[str, dict]] = {}
+    for name, runs in rounds.items():
+        results[name] = {}
+        for scenario in runs[0]:
+            cells = [run[scenario] for run in runs if "error" not in run.get(scenario, {"error": 1})]
+            if not cells:
+                results[name][scenario] = runs[0][scenario]
+                continue
+            merged = {k: statistics.median(c[k] for c in cells) if isinstance(v, (int, float))
+                      and all(isinstance(c.get(k), (int, float)) for c in cells) else v for k, v in cells[0].items()}
+            if "failed" in merged:
+                merged["failed"] = sum(c["failed"] for c in cells)
+            merged["by_round"] = cells
+            results[name][scenario] = merged
+    return results
+
+
 def fmt_brief(s: dict) -> str:
     return (f"{s['tok_s'] or 0:.1f} tok/s, TTFT p50 {s['ttft_p50'] or 0:.0f} ms, "
             f"out/req {s['out_per_req'] or 0:.1f}, failed {s['failed']}" + (f" {s['errors']}" if s["failed"] else ""))
@@ -473,6 +508,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--model-id", default=None, help="model for both (a GGUF path); default: the embedded SmolLM2")
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-sluice", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with more than 1: every server up at once, taking turns round after round (the "
+                         "others idle), each figure the median over the rounds")
     ap.add_argument("--json", help="write host info, settings and raw results here")
     return ap.parse_args()
 
@@ -491,15 +529,14 @@ def main() -> None:
     per_slot = max(args.prompt_tokens, args.long_prompt_tokens, args.prefix_tokens + args.prompt_tokens)
     # Word counts are approximate token counts: leave a 1.5x margin per slot for the prompt.
     ctx = max_c * (int(per_slot * 1.5) + args.output_tokens + 16)
-    results: dict[str, dict[str, dict]] = {}
+    # (name, a context manager that starts the server and yields its URL) for every server, in order.
+    servers: list[tuple[str, contextlib.AbstractContextManager[str]]] = []
     if not args.skip_llamacpp:
         server_bin, quantize_bin = llamacpp_tools(args.llama_server, args.llama_quantize)
         for fmt, model in gguf_formats(source, quantize_bin, args.formats).items():
             port = free_port()
-            name = f"llama.cpp {fmt}"
             cmd = llamacpp_cmd(server_bin, model, port, ctx, max_c)
-            with serving(name, cmd, port, CACHE / f"llama-server-{fmt}.log") as url:
-                results[name] = measure(url, args, seed=1)
+            servers.append((f"llama.cpp {fmt}", serving(f"llama.cpp {fmt}", cmd, port, CACHE / f"llama-server-{fmt}.log")))
     if not args.skip_sluice:
         for i, flags in enumerate(args.sluice_flags or [""]):
             port = free_port()
@@ -509,12 +546,24 @@ def main() -> None:
             # The default compiles in the background: measure once it has switched to the compiled graphs.
             compiled = "" if "--no-compile" in flags or "--num-shard" in flags else "compiled the decode graphs"
             cmd = sluice_cmd(port, extra, int(per_slot * 1.5) + args.output_tokens + 16)
-            with serving(name, cmd, port, CACHE / f"sluice-{i}.log", compiled) as url:
+            servers.append((name, serving(name, cmd, port, CACHE / f"sluice-{i}.log", compiled)))
+    if args.rounds <= 1:  # one server at a time
+        results = {}
+        for name, server in servers:
+            with server as url:
                 results[name] = measure(url, args, seed=1)
+    else:
+        results = measure_in_turns(servers, args)
 
     print(f"\n{args.prompt_tokens}-word prompts, {args.output_tokens} output tokens (ignore_eos), temperature 0; "
           f"long = {args.long_prompt_tokens} words at c=4; prefix = {args.prefix_tokens}-word shared prefix, sequential")
     print_table(results)
+    if args.rounds > 1:
+        print(f"\nby round (ITL p50 ms; prefix: 2nd TTFT ms), medians above over {args.rounds} rounds:")
+        for name, scenarios in results.items():
+            print(f"  {name}: " + "; ".join(
+                f"{scenario} " + ", ".join(cell(c.get("itl_p50", c.get("ttft_second"))) for c in r.get("by_round", []))
+                for scenario, r in scenarios.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"host": host, "model": str(source), "settings": vars(args),
                                                "results": results}, indent=2))
