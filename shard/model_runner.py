@@ -117,11 +117,11 @@ def configure_inductor(model: LlamaModel) -> None:
 
 
 def compile_decode(model: LlamaModel) -> CompiledDecode:
-    """torch.compile of the model's layer groups (LAYERS_PER_COMPILED_GROUP) for decode-only steps.
-    Eager, each step pays a fixed ~8-15 ms of Python and ATen dispatch over ~700 small ops; the
-    compiled graphs fuse them. One graph for batch 1 (the whole model), and one per layer group for every
-    batch of 2 or more (a dynamic dimension, measured as fast as one graph per padded batch size, and
-    compiled once instead of seven times). The embeddings and rotary tables stay eager (a few small ops).
+    """torch.compile of the decode-only steps. Eager, each step pays a fixed ~8-15 ms of Python and ATen
+    dispatch over ~700 small ops; the compiled graphs fuse them. One graph for batch 1, from the ids to the
+    logits (LlamaModel.decode_logits), and one per layer group (LAYERS_PER_COMPILED_GROUP) for every batch of
+    2 or more (a dynamic dimension, measured as fast as one graph per padded batch size, and compiled once
+    instead of seven times), whose embeddings, rotary tables and logits stay eager (a few small ops).
     See ModelRunner.warm_up."""
     if model.tp.size > 1:
         raise ValueError("--compile supports --num-shard 1 only: the tensor-parallel all_reduce is not traced")
