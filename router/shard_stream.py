@@ -2,10 +2,11 @@
 
 The shard sends an engine step's tokens for all of them in one message, where a Generate call per request
 cost one gRPC message per token on each side (~45 us of CPU each; at c=16, a large share of what the router
-and the shard spent per token). Here each update goes to its generation's queue. To ShardPool.generate a generation looks like the
-Generate call it replaces: an async iterator of GenerateResponse that raises grpc.aio.AioRpcError (its
-own error, or the stream's when the stream fails) and ends after the message with the finish reason,
-and cancel(), which makes a pending read raise CancelledError as grpc.aio does.
+and the shard spent per token). Here each update, and each packed plain token, goes to its generation's
+queue. To ShardPool.generate a generation looks like the Generate call it replaces, its messages already
+in the contract's types: an async iterator of Reply that raises grpc.aio.AioRpcError (its own error, or the
+stream's when the stream fails) and ends after the reply with the finish reason, and cancel(), which makes
+a pending read raise CancelledError as grpc.aio does.
 
 A stream that fails ends every generation on it with its error; the next generation opens a new one.
 """
@@ -18,6 +19,9 @@ import grpc
 
 from sluice.pb import shard_pb2, shard_pb2_grpc
 
+from .contract import FinishReason, Reply, Token, TopToken
+
+_FINISH = {shard_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH, shard_pb2.FINISH_REASON_EOS: FinishReason.EOS}
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _ENDED = object()  # the stream closed without an error: a generation still on it never finished
 _CANCELLED = object()
@@ -45,6 +49,10 @@ class _Stream:
                     queue = self.queues.get(update.id)
                     if queue is not None:
                         queue.put_nowait(update)
+                for gid, token_id, logprob in zip(response.tokens_of, response.token_ids, response.token_logprobs):
+                    queue = self.queues.get(gid)
+                    if queue is not None:
+                        queue.put_nowait(Reply([Token(token_id, logprob)]))
         except grpc.aio.AioRpcError as exc:
             end = exc
         except asyncio.CancelledError:
@@ -91,10 +99,12 @@ class StreamedGeneration:
     def __aiter__(self) -> StreamedGeneration:
         return self
 
-    async def __anext__(self) -> shard_pb2.GenerateResponse:
+    async def __anext__(self) -> Reply:
         if self._over:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if type(item) is Reply:  # a packed plain token: the common case
+            return item
         if item is _CANCELLED:
             raise asyncio.CancelledError
         if item is _ENDED or isinstance(item, grpc.aio.AioRpcError):
@@ -107,7 +117,7 @@ class StreamedGeneration:
             raise grpc.aio.AioRpcError(_CODES.get(item.error_code, grpc.StatusCode.UNKNOWN), details=item.error)
         if item.response.finish_reason:
             self._done()
-        return item.response
+        return from_wire(item.response)
 
     def _done(self) -> None:
         self._over = True
@@ -121,3 +131,12 @@ class StreamedGeneration:
         if self._stream.open:
             self._stream.outgoing.put_nowait(shard_pb2.GenerationsRequest(id=self._id, cancel=True))
         self._queue.put_nowait(_CANCELLED)
+
+
+def _token(t: shard_pb2.Token) -> Token:
+    return Token(t.id, t.logprob, [TopToken(x.id, x.logprob) for x in t.top_tokens])
+
+
+def from_wire(reply: shard_pb2.GenerateResponse) -> Reply:
+    return Reply([_token(t) for t in reply.tokens], _FINISH.get(reply.finish_reason), reply.prompt_tokens,
+                 reply.seed, [_token(t) for t in reply.prefill])

@@ -186,7 +186,7 @@ class ShardService(pb_grpc.ShardServicer):
 
     async def Generations(self, request_iterator, context):
         """See shard.proto. The engine thread posts (id, kind, value) through the Mailbox; each wake-up of
-        this loop sends everything posted since as one message."""
+        this loop sends everything posted since as one message (_response)."""
         post = self._mailbox().post
         posted: list[tuple[int, str, object]] = []
         wake = asyncio.Event()
@@ -234,9 +234,9 @@ class ShardService(pb_grpc.ShardServicer):
                 await wake.wait()
                 wake.clear()
                 batch, posted[:] = list(posted), []
-                updates = self._updates(batch, live)
-                if updates:
-                    yield pb.GenerationsResponse(updates=updates)
+                response = self._response(batch, live)
+                if response is not None:
+                    yield response
         finally:
             reader.cancel()
             for task in list(starting.values()):
@@ -244,13 +244,14 @@ class ShardService(pb_grpc.ShardServicer):
             for replies in live.values():
                 self._end(replies)
 
-    def _updates(self, batch: list[tuple[int, str, object]],
-                 live: dict[int, _Replies]) -> list[pb.GenerationUpdate]:
-        """One update per generation with news, in the order their first news came."""
+    def _response(self, batch: list[tuple[int, str, object]],
+                  live: dict[int, _Replies]) -> pb.GenerationsResponse | None:
+        """One message for what was posted: each generation's plain tokens packed, the rest one update per
+        generation, in the order their first news came (shard.proto). None when nothing is to be sent."""
         events: dict[int, list[tuple[str, object]]] = {}
         for gid, kind, value in batch:
             events.setdefault(gid, []).append((kind, value))
-        updates = []
+        updates, tokens_of, token_ids, token_logprobs = [], [], [], []
         for gid, news in events.items():
             if news[0][0] == "refused":
                 exc = news[0][1]
@@ -259,6 +260,12 @@ class ShardService(pb_grpc.ShardServicer):
             if gid not in live:
                 continue  # cancelled: whatever the engine sent before it saw that is not wanted
             replies = live[gid]
+            if replies.plain(news):
+                for _, sampled in news:
+                    tokens_of.append(gid)
+                    token_ids.append(sampled.token_id)
+                    token_logprobs.append(sampled.logprob)
+                continue
             try:
                 updates.append(pb.GenerationUpdate(id=gid, response=replies.message(news)))
             except _Failed as exc:
@@ -269,7 +276,10 @@ class ShardService(pb_grpc.ShardServicer):
                 continue
             if replies.done:
                 self._end(live.pop(gid))
-        return updates
+        if not updates and not tokens_of:
+            return None
+        return pb.GenerationsResponse(updates=updates, tokens_of=tokens_of, token_ids=token_ids,
+                                      token_logprobs=token_logprobs)
 
 
 class _Refused(Exception):
@@ -294,6 +304,11 @@ class _Replies:
         # Started inside its request's context (Generate's metadata, Generations' log_id); its last log
         # lines are written from the stream's loop, which has none.
         self.log_id = REQUEST_ID.get()
+
+    def plain(self, batch: list[tuple[str, object]]) -> bool:
+        """Whether `batch` is what Generations packs (shard.proto): tokens only, none with alternatives or a
+        finish reason, and not the first message."""
+        return not self.first and all(kind == "token" and not value.top and not value.finish for kind, value in batch)
 
     def message(self, batch: list[tuple[str, object]]) -> pb.GenerateResponse:
         seq, msg = self.seq, pb.GenerateResponse()

@@ -1,6 +1,6 @@
 """The Generations stream (shard.proto, router/shard_stream.py) against a real shard over real gRPC: many
-generations share one stream and one message per engine step, each fails or is cancelled alone, and a
-generation on it streams what a Generate call streams."""
+generations share one stream and one message per engine step (plain tokens packed), each fails or is
+cancelled alone, and a generation on it streams what a Generate call streams."""
 from __future__ import annotations
 
 import asyncio
@@ -11,19 +11,21 @@ import pytest
 
 from sluice.pb import shard_pb2 as pb
 from sluice.pb import shard_pb2_grpc as pb_grpc
+from router.contract import FinishReason
 from router.shard_stream import SharedStream
 
 
-def request(n: int, prompt: list[int] | None = None) -> pb.GenerateRequest:
+def request(n: int, prompt: list[int] | None = None, top_n: int = 0) -> pb.GenerateRequest:
     return pb.GenerateRequest(request_id="t", input_ids=prompt or [5, 6, 7, 8], max_new_tokens=n, ignore_eos=True,
-                              params=pb.SamplingParams())
+                              params=pb.SamplingParams(), top_n_tokens=top_n)
 
 
-def tokens(messages: list[pb.GenerateResponse]) -> list[int]:
+def tokens(messages) -> list[int]:
+    """The token ids of a generation's messages (Generate's GenerateResponse, or the Replies of a shared stream)."""
     return [t.id for m in messages for t in m.tokens]
 
 
-async def collect(call) -> list[pb.GenerateResponse]:
+async def collect(call) -> list:
     return [m async for m in call]
 
 
@@ -53,7 +55,7 @@ def test_generations_share_a_stream_and_its_messages(router_loop, tiny_shard):
 
     got, single = run(router_loop, go)(tiny_shard.address)
     assert [len(tokens(m)) for m in got] == [6, 9, 12]
-    assert all(m[-1].finish_reason == pb.FINISH_REASON_LENGTH for m in got)
+    assert all(m[-1].finish_reason == FinishReason.LENGTH for m in got)
     assert sum(1 for m in got for x in m if x.finish_reason) == 3  # only the last message of each has one
     assert all(m[0].prompt_tokens == 4 for m in got)
     # What Generate streams for the same request: the same greedy tokens.
@@ -62,30 +64,44 @@ def test_generations_share_a_stream_and_its_messages(router_loop, tiny_shard):
 
 
 def test_one_message_carries_every_generation_of_a_step(router_loop, tiny_shard):
+    n = 32
+
     async def go(stub):
         outgoing: asyncio.Queue = asyncio.Queue()
 
         async def requests():
             for gid in (1, 2, 3):
-                yield pb.GenerationsRequest(id=gid, start=request(8), log_id=f"g{gid}")
+                yield pb.GenerationsRequest(id=gid, start=request(n), log_id=f"g{gid}")
+            yield pb.GenerationsRequest(id=4, start=request(n, top_n=2), log_id="g4")
             await outgoing.get()  # keep our side open until every generation finished
 
-        seen, done, per_message = {1: 0, 2: 0, 3: 0}, set(), []
+        seen, forms, done, per_message = {}, {}, set(), []
         call = stub.Generations(requests())
         async for response in call:
-            per_message.append(len(response.updates))
+            assert not {u.id for u in response.updates} & set(response.tokens_of)  # never both in one message
+            per_message.append(len(response.updates) + len(set(response.tokens_of)))
             for u in response.updates:
-                seen[u.id] += len(u.response.tokens)
+                seen.setdefault(u.id, []).extend(t.id for t in u.response.tokens)
+                forms.setdefault(u.id, []).append("update")
                 if u.response.finish_reason:
                     done.add(u.id)
-            if done == {1, 2, 3}:
+            for gid, token in zip(response.tokens_of, response.token_ids):
+                seen.setdefault(gid, []).append(token)
+                forms.setdefault(gid, []).append("packed")
+            if done == {1, 2, 3, 4}:
                 break
         call.cancel()
-        return seen, per_message
+        return seen, forms, per_message
 
-    seen, per_message = run(router_loop, go)(tiny_shard.address)
-    assert seen == {1: 8, 2: 8, 3: 8}
-    assert max(per_message) == 3  # the decode steps of the three: one message each, not three
+    seen, forms, per_message = run(router_loop, go)(tiny_shard.address)
+    assert {gid: len(ids) for gid, ids in seen.items()} == {1: n, 2: n, 3: n, 4: n}
+    assert seen[1] == seen[2] == seen[3] == seen[4]  # one prompt, greedy: packing loses or reorders nothing
+    assert max(per_message) == 4  # the decode steps of the four: one message each, not four
+    # A generation's first message (the prompt's size) and its last (the finish reason) are updates; plain
+    # tokens between them are packed; one that asked for alternatives is never packed. (How many steps one
+    # message holds depends on how fast this loop reads: the counts are not asserted.)
+    assert all(forms[gid][0] == forms[gid][-1] == "update" for gid in forms)
+    assert any("packed" in forms[gid] for gid in (1, 2, 3)) and "packed" not in forms[4]
     wait_until_idle(tiny_shard.engine)
 
 
