@@ -4,7 +4,7 @@ request, the same measures as bench_llamacpp's httpx generator (Result: a stamp 
 Why a second one: on a 2-core host the load generator shares the cores with the server, and httpx's
 stream machinery (anyio, h11, line iteration) costs ~0.2 ms of CPU per token, about 4% of a core at
 c=16, which the in-process side of bench_overhead never pays. Parsing here is what the measures need:
-the status line, chunked or plain bodies, SSE `data:` lines, one json.loads per event.
+the status line, chunked or plain bodies, SSE `data:` lines, one orjson.loads per event.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import asyncio
 import json
 import time
 from urllib.parse import urlsplit
+
+import orjson
 
 from bench_llamacpp import Result, per_prompt
 
@@ -69,7 +71,7 @@ class _Stream(asyncio.Protocol):
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     continue
-                body = json.loads(data)
+                body = orjson.loads(data)  # the load generator's own CPU is the engine's loss too
                 if "error" in body:
                     self.res.error = str(body["error"])[:200]
                     return

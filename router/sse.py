@@ -14,11 +14,11 @@ which keeps idle-timeout proxies from cutting it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -42,24 +42,30 @@ _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 # Characters JSON leaves raw that Python's str.splitlines() breaks lines at: clients that read SSE with it
 # (httpx's iter_lines, so huggingface_hub's) would cut a `data:` line inside a token's text. Escaped, they
-# decode to the same string. Looked for before translating: every event passes here, and the lookups cost
-# ~0.1 us where the translate costs ~6 us (more than the json.dumps).
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+# decode to the same string. In UTF-8 these byte pairs and triples are those characters and nothing else.
+_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+# orjson, not json.dumps: every event of every stream passes here. A token's chunk took 3.6 us with
+# json.dumps and 0.3 with orjson in a hot loop, and ~11 us in the served router at 16 streams, where the
+# engine keeps evicting the router's caches (bench/RESULTS.md, session 27). Its output is the same compact
+# JSON, except that a NaN or infinite float becomes null where json.dumps wrote invalid JSON.
+_DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS  # as json.dumps: {1: x} is {"1": x}
 
 
-def _escape_line_breaks(data: str) -> str:
-    if "\x85" in data or "\u2028" in data or "\u2029" in data:
-        return data.translate(_LINE_BREAKS)
+def _escape_line_breaks(data: bytes) -> bytes:
+    for raw, escaped in _LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
     return data
 
 
 def sse_event(payload: dict | str, name: str | None = None, event_id: str | None = None) -> bytes:
     if isinstance(payload, str):
-        data = payload
+        data = payload.encode()
     else:
-        data = _escape_line_breaks(json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+        data = _escape_line_breaks(orjson.dumps(payload, option=_DUMPS_OPTIONS))
     head = (f"id: {event_id}\n" if event_id else "") + (f"event: {name}\n" if name else "")
-    return f"{head}data: {data}\n\n".encode()
+    return b"%sdata: %s\n\n" % (head.encode(), data)
 
 
 def _start(stream_id: str) -> dict:

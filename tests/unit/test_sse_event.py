@@ -22,6 +22,16 @@ def test_a_line_break_in_a_tokens_text_stays_inside_one_data_line(char):
     assert json.loads(lines[1][len("data: "):]) == payload
 
 
+def test_an_event_is_strict_json_whatever_its_numbers_and_keys():
+    """A float that is not finite (a -inf logprob) becomes null, not the `-Infinity` JavaScript's JSON.parse
+    refuses; a number as a key becomes a string key, as json.dumps makes it."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+
+    event = sse_event({"logprob": float("-inf"), "nan": float("nan"), 7: "seven", "ok": -0.25}).decode()
+    assert strict(event.removeprefix("data: ").rstrip("\n")) == {"logprob": None, "nan": None, "7": "seven", "ok": -0.25}
+
+
 def test_keepalive_waits_while_a_send_is_held_up_and_pings_once_idle(monkeypatch):
     """While one of the stream's own sends is held up (a slow reader), no keep-alive goes out and the
     keep-alive task sleeps whole intervals instead of spinning; once the stream is idle it pings."""
