@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from .admission import BODY_SEND
 from .streams import BufferFull, Gone, Kept, StreamStore, owner_of
 
 log = logging.getLogger("sluice.router")
@@ -142,6 +143,13 @@ def _keepalive_s(scope: Scope) -> float:
     return scope["app"].state.router.settings.sse_keepalive_s
 
 
+def _body_send(scope: Scope, send: Send) -> Send:
+    """Where a stream's body goes once its start went through `send`: the `send` Admission was given (the
+    scope's BODY_SEND), past the wrappers between it and the route, which only watch for the start (three
+    coroutine calls a token, ~4 us of the router's CPU at 16 streams)."""
+    return scope.get(BODY_SEND, send)
+
+
 class EventStream:
     """A server-sent-events response: `id: <stream>.<n>`, one `data: <json>` line and a blank line per event.
     With `named` (the Responses API, as OpenAI sends it), an `event: <type>` line too, from each event's
@@ -165,18 +173,19 @@ class EventStream:
 
         async def pump() -> None:
             await send(_start(stream_id))
-            keepalive = _KeepAlive(send, interval) if interval else None
+            body_send = _body_send(scope, send)
+            keepalive = _KeepAlive(body_send, interval) if interval else None
             try:
                 n = 0
                 # The next event is asked for only once the previous one was sent: backpressure reaches the shard.
                 async for event in self.events:
                     n += 1
                     data = self.frame(event, f"{stream_id}.{n}")
-                    await (keepalive.send(data) if keepalive else send(_body(data)))
+                    await (keepalive.send(data) if keepalive else body_send(_body(data)))
             finally:
                 if keepalive:
                     await keepalive.stop()
-            await send(_END)
+            await body_send(_END)
 
         try:
             await _unless_disconnected(receive, pump())
@@ -229,6 +238,7 @@ class Follow:
 
         async def pump() -> None:
             await send(_start(k.id))
+            body_send = _body_send(scope, send)
             n = self.after
             while k.reader == token:  # a newer connection took the stream over: this one ends
                 changed = k.changed
@@ -237,7 +247,7 @@ class Follow:
                 except Gone:
                     break
                 for n, data in batch:
-                    await send(_body(data))
+                    await body_send(_body(data))
                     store.advanced(k, token, n)  # what it was handed may be dropped, should room be needed
                 if batch:
                     continue
@@ -246,8 +256,8 @@ class Follow:
                 try:
                     await asyncio.wait_for(changed.wait(), keepalive)
                 except asyncio.TimeoutError:
-                    await send(_body(KEEPALIVE))
-            await send(_END)
+                    await body_send(_body(KEEPALIVE))
+            await body_send(_END)
 
         try:
             await _unless_disconnected(receive, pump())
