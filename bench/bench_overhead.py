@@ -30,14 +30,23 @@ server, and whatever CPU the generator takes the engine loses (it has no counter
 costs ~4% of a core at c=16, the lean one (on uvloop: ~34 us a token against ~50 on asyncio's own loop, Zen
 5 host) about a third of that, so the lean row is the closer measure of the server's own overhead. Overhead = 1 - HTTP tok/s / in-process tok/s (issue 11's target: at most 5% at
 c=16).
+
+Where the overhead comes from, measured in the same rounds: the CPU each part spends per streamed token on
+the lean side (the router's process; the shard's threads but the engine's, i.e. gRPC's and its serving
+loop's; the load generator), and a fourth side, the in-process engine again while a plain CPU load runs
+beside it in a process of its own (bursts every 16 ms, like a step's tokens) taking as much of a core as
+that serving path took. When that side loses what the HTTP side loses, the overhead is the serving path's
+CPU on cores the engine needs, whatever the code that spends it.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -88,6 +97,66 @@ def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: i
     return results, time.perf_counter() - start
 
 
+def _cpu_s(stat_path: str) -> float:
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has spent, all its threads (ended ones too)."""
+    return _cpu_s(f"/proc/{pid}/stat")
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds by thread, for the threads alive now."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = _cpu_s(f"/proc/{pid}/task/{tid}/stat")
+        except OSError:
+            pass
+    return out
+
+
+def serving_threads_cpu(before: dict[int, float], after: dict[int, float], engine_threads: int) -> float:
+    """The shard's CPU outside its engine: every thread but the `engine_threads` busiest (the step loop and
+    OpenMP's workers, which compute the model), i.e. gRPC's and the serving loop's."""
+    spent = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+    return sum(spent[engine_threads:])
+
+
+def server_processes(port: int) -> tuple[int, list[int]]:
+    """`sluice serve --port PORT`'s process (the router runs in it) and its children (the shard)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and b"--port" in argv and argv[argv.index(b"--port") + 1] == str(port).encode():
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return int(pid), [int(c) for c in f.read().split()]
+    raise SystemExit(f"no `sluice serve --port {port}` process found")
+
+
+# A CPU load of its own process: `duty` of one core, in bursts every `period` seconds.
+_LOAD = """
+import sys, time
+duty, period = float(sys.argv[1]), float(sys.argv[2])
+while True:
+    time.sleep(period * (1 - duty))
+    end, x = time.thread_time() + period * duty, 0
+    while time.thread_time() < end:
+        for i in range(100):
+            x += i
+"""
+
+
+def cpu_load(duty: float, period_s: float = 0.016) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _LOAD, str(max(0.0, min(duty, 0.95))), str(period_s)])
+
+
 def row(name: str, s: dict) -> str:
     return (f"{name:<22s}{s['tok_s']:>10.1f}{s['ttft_p50']:>12.0f}{s['itl_p50']:>11.1f}"
             f"{s['itl_p95']:>11.1f}{s['out_per_req']:>9.1f}{int(s['failed']):>8d}")
@@ -120,8 +189,11 @@ def main() -> None:
     source = resolve(None)
     tok = load_tokenizer(source)
     engine = build_engine(ShardSettings(), source)
-    sides = ("in-process engine", "HTTP, lean client", "HTTP, httpx client")
+    sides = ("in-process engine", "HTTP, lean client", "HTTP, httpx client", "in-process + CPU load")
     runs: dict[str, list[tuple[dict, float]]] = {side: [] for side in sides}
+    # Per round, the lean side's CPU per streamed token (us): router, shard, the shard's over the engine
+    # in-process, the load generator; and the CPU load's duty (of one core) the fourth side ran beside.
+    parts: list[dict[str, float]] = []
 
     def measure() -> None:
         try:
@@ -135,22 +207,46 @@ def main() -> None:
                          wait_for_log="compiled the decode graphs") as url:
                 asyncio.run(drive(url, new_prompts(2), 2, 8))  # warm-up, not measured
                 local_round(engine, tok, new_prompts(2), 2, 8)
+                router_pid, shard_pids = server_processes(port)
                 for r in range(args.rounds):
                     lengths = [max(1, round(args.output_tokens * (1 + length_rng.uniform(-1, 1) * args.length_spread)))
                                for _ in range(args.requests)]
+                    part: dict[str, float] = {}
                     for side in sides:
                         prompts = new_prompts(args.requests)
                         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-                        if side == sides[0]:
-                            results, wall = local_round(engine, tok, prompts, args.concurrency, lengths)
-                        elif side == sides[1]:
-                            results, wall = sse_client.run(sse_client.drive(url, prompts, args.concurrency, lengths))
-                        else:
-                            results, wall = asyncio.run(drive(url, prompts, args.concurrency, lengths))
+                        server0 = [process_cpu(p) for p in (router_pid, *shard_pids)]
+                        threads0 = thread_cpu(shard_pids[0])
+                        load = cpu_load(part["duty"]) if side == sides[3] else None
+                        try:
+                            if side in (sides[0], sides[3]):
+                                results, wall = local_round(engine, tok, prompts, args.concurrency, lengths)
+                            elif side == sides[1]:
+                                results, wall = sse_client.run(sse_client.drive(url, prompts, args.concurrency, lengths))
+                            else:
+                                results, wall = asyncio.run(drive(url, prompts, args.concurrency, lengths))
+                        finally:
+                            if load is not None:
+                                load.kill()
+                                load.wait()
+                        server1 = [process_cpu(p) for p in (router_pid, *shard_pids)]
+                        threads1 = thread_cpu(shard_pids[0])
                         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-                        client = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / wall
-                        runs[side].append((summarize(results, wall), client))
+                        own = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+                        runs[side].append((summarize(results, wall), own / wall))
+                        tokens = max(1, sum(len(res.stamps) for res in results))
+                        if side == sides[0]:
+                            part["engine"] = 1e6 * own / tokens  # the engine's threads and the stamping callback
+                        elif side == sides[1]:
+                            part["router"] = 1e6 * (server1[0] - server0[0]) / tokens
+                            part["shard"] = 1e6 * (sum(server1[1:]) - sum(server0[1:])) / tokens
+                            part["shard_serving"] = 1e6 * serving_threads_cpu(threads0, threads1,
+                                                                              torch.get_num_threads()) / tokens
+                            part["client"] = 1e6 * own / tokens
+                            part["serving"] = part["router"] + part["shard_serving"] + part["client"]
+                            part["duty"] = part["serving"] * tokens / wall / 1e6
                         print(f"    round {r + 1}, {side}: {runs[side][-1][0]['tok_s']:.1f} tok/s", flush=True)
+                    parts.append(part)
         finally:
             engine.stop()
 
@@ -169,15 +265,22 @@ def main() -> None:
                      if isinstance(v, (int, float))} for side in sides}
     for side in sides:
         cpu = statistics.median(c for _, c in runs[side])
-        print(row(side, median[side]) + (f"{100 * cpu:>10.1f} %" if side != sides[0] else ""))
+        print(row(side, median[side]) + (f"{100 * cpu:>10.1f} %" if side in sides[1:3] else ""))
     local = [s["tok_s"] for s, _ in runs[sides[0]]]
     for side in sides[1:]:
         # Each round's HTTP run against the in-process run just before it: drift on a shared host cancels.
         ratios = [s["tok_s"] / l for (s, _), l in zip(runs[side], local)]
-        print(f"{side}: HTTP / in-process throughput by round {', '.join(f'{x:.3f}' for x in ratios)}; median "
-              f"{statistics.median(ratios):.3f} (overhead {100 * (1 - statistics.median(ratios)):.1f}%; target <= 5%)")
+        target = "; target <= 5%" if side != sides[3] else ", from the CPU load alone"
+        print(f"{side}: throughput / in-process by round {', '.join(f'{x:.3f}' for x in ratios)}; median "
+              f"{statistics.median(ratios):.3f} (overhead {100 * (1 - statistics.median(ratios)):.1f}%{target})")
     print("client CPU: the load generator's own, in % of one core (it shares the two cores with the server); the\n"
           "in-process side's client is a callback in the engine's thread")
+    med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+    print(f"\nCPU per streamed token, lean side (medians over the rounds): the router's process {med['router']:.0f} us, "
+          f"the shard's serving threads {med['shard_serving']:.0f} us, the load generator {med['client']:.0f} us: the "
+          f"serving path\ntook {med['serving']:.0f} us a token, {100 * med['duty']:.1f}% of one core, and the fourth side "
+          f"ran that much CPU load beside the in-process engine.\nThe shard's process in all: {med['shard']:.0f} us a "
+          f"token, against {med['engine']:.0f} us in-process (engine and stamping callback).")
 
 
 if __name__ == "__main__":
