@@ -1,8 +1,8 @@
 """The shard's contract (proto/sluice/shard.proto) as the router's code sees it: plain dataclasses.
 
 Protobuf stops at the replica pool (router/pool.py converts requests, router/shard_stream.py replies), so
-jobs, generation and the handlers never touch wire types. Field names are the proto's, and so are their meanings (zero = off;
-the last reply carries the last token and the finish reason).
+jobs, generation and the handlers never touch wire types. Field names are the proto's, and so are their
+meanings (zero = off; the last reply carries the last token and the finish reason).
 """
 from __future__ import annotations
 

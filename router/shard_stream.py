@@ -49,10 +49,7 @@ class _Stream:
                     queue = self.queues.get(update.id)
                     if queue is not None:
                         queue.put_nowait(update)
-                for gid, token_id, logprob in zip(response.tokens_of, response.token_ids, response.token_logprobs):
-                    queue = self.queues.get(gid)
-                    if queue is not None:
-                        queue.put_nowait(Reply([Token(token_id, logprob)]))
+                self._deliver_packed(response)
         except grpc.aio.AioRpcError as exc:
             end = exc
         except asyncio.CancelledError:
@@ -63,6 +60,21 @@ class _Stream:
             for queue in self.queues.values():
                 queue.put_nowait(end)
             self.queues.clear()
+
+
+    def _deliver_packed(self, response: shard_pb2.GenerationsResponse) -> None:
+        """The packed plain tokens, one Reply per generation as an update would be (its tokens are consecutive:
+        shard.proto). Appending to a Reply already queued is safe: its reader runs only after this returns."""
+        reply, last = None, None
+        for gid, token_id, logprob in zip(response.tokens_of, response.token_ids, response.token_logprobs):
+            if gid == last:
+                if reply is not None:
+                    reply.tokens.append(Token(token_id, logprob))
+                continue
+            last, queue = gid, self.queues.get(gid)
+            reply = None if queue is None else Reply([Token(token_id, logprob)])
+            if queue is not None:
+                queue.put_nowait(reply)
 
 
 class SharedStream:
