@@ -422,13 +422,18 @@ def measure_in_turns(servers: list[tuple[str, contextlib.AbstractContextManager[
             if not cells:
                 results[name][scenario] = runs[0][scenario]
                 continue
-            merged = {k: statistics.median(c[k] for c in cells) if isinstance(v, (int, float))
-                      and all(isinstance(c.get(k), (int, float)) for c in cells) else v for k, v in cells[0].items()}
-            if "failed" in merged:
-                merged["failed"] = sum(c["failed"] for c in cells)
-            merged["by_round"] = cells
-            results[name][scenario] = merged
+            results[name][scenario] = {**median_of(cells), "by_round": cells}
     return results
+
+
+def median_of(summaries: list[dict]) -> dict:
+    """Several rounds' summaries as one: each number the median over the rounds (of an even count, the mean of
+    the middle two), `failed` their sum, anything else the first round's."""
+    merged = {k: statistics.median(s[k] for s in summaries) if isinstance(v, (int, float))
+              and all(isinstance(s.get(k), (int, float)) for s in summaries) else v for k, v in summaries[0].items()}
+    if "failed" in merged:
+        merged["failed"] = sum(s["failed"] for s in summaries)
+    return merged
 
 
 def fmt_brief(s: dict) -> str:

@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import sse_client  # noqa: E402
-from bench_llamacpp import Result, drive, per_prompt, free_port, make_prompt, serving, sluice_cmd, summarize, CACHE  # noqa: E402
+from bench_llamacpp import Result, drive, per_prompt, free_port, make_prompt, median_of, serving, sluice_cmd, summarize, CACHE  # noqa: E402
 
 
 def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> tuple[list[Result], float]:
@@ -260,9 +260,7 @@ def main() -> None:
           f"prompts, {args.output_tokens} output tokens (x (1 +- {args.length_spread}), ignore_eos); medians over the rounds")
     print(f"{'':<22s}{'out tok/s':>10s}{'TTFT p50 ms':>12s}{'ITL p50 ms':>11s}{'ITL p95 ms':>11s}{'out/req':>9s}"
           f"{'failed':>8s}{'client CPU':>12s}")
-    # The summaries' numbers only (a median of an even count averages its middle two).
-    median = {side: {k: statistics.median(s[k] for s, _ in runs[side]) for k, v in runs[side][0][0].items()
-                     if isinstance(v, (int, float))} for side in sides}
+    median = {side: median_of([s for s, _ in runs[side]]) for side in sides}
     for side in sides:
         cpu = statistics.median(c for _, c in runs[side])
         print(row(side, median[side]) + (f"{100 * cpu:>10.1f} %" if side in sides[1:3] else ""))
@@ -275,7 +273,7 @@ def main() -> None:
               f"{statistics.median(ratios):.3f} (overhead {100 * (1 - statistics.median(ratios)):.1f}%{target})")
     print("client CPU: the load generator's own, in % of one core (it shares the two cores with the server); the\n"
           "in-process side's client is a callback in the engine's thread")
-    med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+    med = median_of(parts)
     print(f"\nCPU per streamed token, lean side (medians over the rounds): the router's process {med['router']:.0f} us, "
           f"the shard's serving threads {med['shard_serving']:.0f} us, the load generator {med['client']:.0f} us: the "
           f"serving path\ntook {med['serving']:.0f} us a token, {100 * med['duty']:.1f}% of one core, and the fourth side "
