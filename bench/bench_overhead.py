@@ -2,7 +2,7 @@
 and through the same engine driven in-process, side by side in one run.
 
     python bench/bench_overhead.py [--concurrency 16] [--requests 48] [--rounds 3] [--prompt-words 128]
-        [--output-tokens 128] [--length-spread 0.25 (0: equal lengths)]
+        [--output-tokens 128] [--length-spread 0.25 (0: equal lengths)] [--num-threads N (both sides)]
 
 NEVER run it while anything else runs on the machine: every number is wall-clock on shared cores.
 
@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--length-spread", type=float, default=0.25,
                     help="output lengths drawn from output-tokens x (1 +- spread), the same draws on every side of "
                          "a round (0: all equal; see the docstring for why not by default)")
+    ap.add_argument("--num-threads", type=int, default=None,
+                    help="the engine's torch threads on both sides (default: sluice serve's, all cores); fewer than the "
+                         "cores leaves the serving path cores of its own, as on a host with cores to spare")
     args = ap.parse_args()
     import torch
 
@@ -188,7 +191,7 @@ def main() -> None:
     print("[in-process] shard.launch.build_engine, default settings", flush=True)
     source = resolve(None)
     tok = load_tokenizer(source)
-    engine = build_engine(ShardSettings(), source)
+    engine = build_engine(ShardSettings(num_threads=args.num_threads), source)
     sides = ("in-process engine", "HTTP, lean client", "HTTP, httpx client", "in-process + CPU load")
     runs: dict[str, list[tuple[dict, float]]] = {side: [] for side in sides}
     # Per round, the lean side's CPU per streamed token (us): router, shard, the shard's over the engine
@@ -203,7 +206,7 @@ def main() -> None:
             print(f"    in-process engine compiled after {time.monotonic() - t0:.0f} s", flush=True)
             port = free_port()
             CACHE.mkdir(parents=True, exist_ok=True)
-            with serving("sluice", sluice_cmd(port, "", 4096), port, CACHE / "sluice-overhead.log",
+            with serving("sluice", sluice_cmd(port, f"--num-threads {args.num_threads}" if args.num_threads else "", 4096), port, CACHE / "sluice-overhead.log",
                          wait_for_log="compiled the decode graphs") as url:
                 asyncio.run(drive(url, new_prompts(2), 2, 8))  # warm-up, not measured
                 local_round(engine, tok, new_prompts(2), 2, 8)
@@ -256,7 +259,8 @@ def main() -> None:
     with torch.inference_mode():
         engine.run()
 
-    print(f"\nc={args.concurrency}, {args.rounds} rounds of {args.requests} requests per side, {args.prompt_words}-word "
+    threads = f"{args.num_threads} engine thread(s)" if args.num_threads else "the default engine threads"
+    print(f"\n{threads} on {os.cpu_count()} cores; c={args.concurrency}, {args.rounds} rounds of {args.requests} requests per side, {args.prompt_words}-word "
           f"prompts, {args.output_tokens} output tokens (x (1 +- {args.length_spread}), ignore_eos); medians over the rounds")
     print(f"{'':<22s}{'out tok/s':>10s}{'TTFT p50 ms':>12s}{'ITL p50 ms':>11s}{'ITL p95 ms':>11s}{'out/req':>9s}"
           f"{'failed':>8s}{'client CPU':>12s}")
