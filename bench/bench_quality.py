@@ -9,8 +9,8 @@ float32 weights and compute (equal to transformers: tests/e2e/test_parity.py), a
   * bf16 matrices: weights in bfloat16 under float32 compute, with a float32 or a float16 KV cache
     (the CPU default: both narrow); on AVX512-BF16 CPUs packed (the rows rounded to bfloat16 too), and
     unpacked as AVX2 CPUs run them;
-  * int8: `--quantize int8` under float32 compute with a float16 KV cache (AVX2) and under bfloat16
-    compute (native-bf16 CPUs).
+  * int8: `--quantize int8` under float32 compute with a float16 KV cache (the default with our kernels;
+    packed on AVX512-BF16 CPUs) and under bfloat16 compute (native-bf16 CPUs without them).
 Prompts are prefilled PREFILL_CHUNK tokens at a time, as a long prompt is: each chunk reads the earlier
 ones' K/V back from the cache, so a narrower cache shows in both measures.
 llama.cpp (`llama-server`, built and cached as bench_llamacpp.py does): Q8_0 against BF16.
@@ -102,12 +102,13 @@ def sluice_rows(prompts: list[list[int]], passage: list[int], new: int) -> list[
     reference = continue_greedy(ref_model, prompts, new)
     ref_ppl = perplexity(ref_model, passage)
     rows = [("sluice float32 (reference)", f"{len(reference) * new}/{len(reference) * new}", f"{ref_ppl:.3f}")]
-    # On AVX512-BF16 CPUs load_model packs bf16 matrices (cpu_kernels.pack: the rows rounded to bf16 too).
+    # On AVX512-BF16 CPUs load_model packs bf16 and int8 matrices under float32 compute (cpu_kernels.pack: the
+    # rows rounded to bf16 too; int8 ones from 9 rows up, prompt chunks and batches).
     packed = " packed (AVX512-BF16)" if cpu_kernels.native_bf16() else ""
     forms = [(f"sluice bf16 matrices{packed}, float32 compute and KV cache", dict(dtype=torch.float32, matrices=torch.bfloat16)),
              (f"sluice bf16 matrices{packed}, float16 KV cache (the CPU default)",
               dict(dtype=torch.float32, matrices=torch.bfloat16, kv_cache=torch.float16)),
-             ("sluice --quantize int8, float32 compute, float16 KV cache",
+             (f"sluice --quantize int8{packed}, float32 compute, float16 KV cache",
               dict(dtype=torch.float32, quantize="int8", kv_cache=torch.float16)),
              ("sluice --quantize int8, bfloat16 compute", dict(dtype=torch.bfloat16, quantize="int8"))]
     if packed:

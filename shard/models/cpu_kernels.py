@@ -141,6 +141,8 @@ def _load() -> bool:
     torch.library.register_fake("sluice::linear_bf16")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("sluice::linear_packed")(lambda x, wp: x.new_empty(x.shape[0], wp.shape[0] * 16))
     torch.library.register_fake("sluice::linear_int8")(lambda x, w, scale: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("sluice::linear_int8_packed")(
+        lambda x, wp, scale: x.new_empty(x.shape[0], wp.shape[0] * 16))
     torch.library.register_fake("sluice::decode_attention")(
         lambda q, k_cache, v_cache, kv_slots, mask, scale: q.new_empty(q.shape[0], q.shape[1] * q.shape[2]))
     return True
@@ -182,10 +184,10 @@ def native_bf16() -> bool:
 
 
 def pack(w: torch.Tensor) -> torch.Tensor | None:
-    """bfloat16 weights [N, K] packed [N / 16, K / 2, 16, 2] for cpu_linear.cpp's AVX512-BF16 path; None
-    where that path does not run here or the shape does not fit it (N and K multiples of 16)."""
-    if not (_loaded and native_bf16() and w.dtype == torch.bfloat16 and w.dim() == 2 and w.device.type == "cpu"
-            and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
+    """bfloat16 or int8 weights [N, K] packed [N / 16, K / 2, 16, 2] for cpu_linear.cpp's AVX512-BF16 path;
+    None where that path does not run here or the shape does not fit it (N and K multiples of 16)."""
+    if not (_loaded and native_bf16() and w.dtype in (torch.bfloat16, torch.int8) and w.dim() == 2
+            and w.device.type == "cpu" and w.shape[0] % 16 == 0 and w.shape[1] % 16 == 0):
         return None
     return packed_layout(w)
 
@@ -205,7 +207,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torc
     """x @ (w * scale[:, None]).T; `scale` (float32) with int8 weights only; w may be `pack`ed. Check
     `applies` first."""
     if w.dim() == 4:
-        return torch.ops.sluice.linear_packed(x, w)
+        if scale is None:
+            return torch.ops.sluice.linear_packed(x, w)
+        return torch.ops.sluice.linear_int8_packed(x, w, scale)
     if scale is None:
         return torch.ops.sluice.linear_bf16(x, w)
     return torch.ops.sluice.linear_int8(x, w, scale)

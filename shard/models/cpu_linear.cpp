@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -242,7 +243,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const float* scale) 
 
 template <int MB, int NB>
 SLUICE_NATIVE_BF16 inline void packed_tile(const uint32_t* xp, int64_t pairs, const uint32_t* wb, int64_t block_stride,
-                                           float* y, int64_t N) {
+                                           const float* scale, float* y, int64_t N) {
   __m512 acc[MB][NB];
   for (int m = 0; m < MB; m++)
     for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
@@ -255,7 +256,8 @@ SLUICE_NATIVE_BF16 inline void packed_tile(const uint32_t* xp, int64_t pairs, co
     }
   }
   for (int m = 0; m < MB; m++)
-    for (int j = 0; j < NB; j++) _mm512_storeu_ps(y + m * N + j * 16, acc[m][j]);
+    for (int j = 0; j < NB; j++)
+      _mm512_storeu_ps(y + m * N + j * 16, scale ? _mm512_mul_ps(acc[m][j], _mm512_loadu_ps(scale + j * 16)) : acc[m][j]);
 }
 
 // Rows [m0, m1) of x rounded to bfloat16 (to nearest even); K a multiple of 16.
@@ -265,21 +267,98 @@ SLUICE_NATIVE_BF16 void round_rows(const float* x, uint16_t* out, int64_t m0, in
                         reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i))));
 }
 
+// Packed int8 weights (the same layout, one byte a weight) widened to bfloat16, `groups` runs of 32: exact,
+// since every int8 is a bfloat16.
+SLUICE_NATIVE_BF16 void widen_packed(const int8_t* w, uint32_t* out, int64_t groups) {
+  for (int64_t i = 0; i < groups; i++) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * i));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    _mm512_storeu_si512(out + 16 * i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+}
+
+// Few rows (decode steps) of packed int8 weights: memory-bound, so each column block is read once from
+// memory as one sequential stream and widened to float32 in registers, as the unpacked stream above does
+// (the strips below, widened to bfloat16 in a buffer first, took 2.4x as long at one row). The rows stay in
+// float32: a pair of x broadcast to all lanes, one lane per (column, k parity), two pairs of accumulators.
+template <int MB>
+SLUICE_AVX512 inline void stream_packed_rows(const float* x, const int8_t* wb, const float* scale, float* y, int64_t N,
+                                             int64_t K) {
+  const int64_t pairs = K / 2;
+  __m512 acc[MB][4];
+  for (int m = 0; m < MB; m++)
+    for (int u = 0; u < 4; u++) acc[m][u] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; p += 2) {  // K is a multiple of 16: pairs is even
+    _mm_prefetch(reinterpret_cast<const char*>(wb + 32 * p) + 1024, _MM_HINT_T0);
+    for (int h = 0; h < 2; h++) {
+      const int8_t* w = wb + 32 * (p + h);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+      for (int m = 0; m < MB; m++) {
+        double pair;
+        std::memcpy(&pair, x + m * K + 2 * (p + h), sizeof pair);
+        const __m512 xv = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        acc[m][2 * h] = _mm512_fmadd_ps(lo, xv, acc[m][2 * h]);
+        acc[m][2 * h + 1] = _mm512_fmadd_ps(hi, xv, acc[m][2 * h + 1]);
+      }
+    }
+  }
+  // Lanes 2c and 2c + 1 hold column c's even and odd k: summed, columns 0-7 from `lo`, 8-15 from `hi`.
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512 sc = _mm512_loadu_ps(scale);
+  for (int m = 0; m < MB; m++) {
+    const __m512 lo = _mm512_add_ps(acc[m][0], acc[m][2]), hi = _mm512_add_ps(acc[m][1], acc[m][3]);
+    const __m512 sums = _mm512_add_ps(_mm512_permutex2var_ps(lo, even, hi), _mm512_permutex2var_ps(lo, odd, hi));
+    _mm512_storeu_ps(y + m * N, _mm512_mul_ps(sums, sc));
+  }
+}
+
+SLUICE_AVX512 void stream_packed(const float* x, const int8_t* wp, const float* scale, float* y, int64_t M, int64_t N,
+                                 int64_t K, int64_t b0, int64_t b1) {
+  const int64_t block = 16 * K;  // bytes
+  for (int64_t b = b0; b < b1; b++) {
+    // Four rows at a time (16 accumulators); a block's later rows find its weights in L1 (K * 16 bytes).
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) stream_packed_rows<4>(x + m * K, wp + b * block, scale + b * 16, y + m * N + b * 16, N, K);
+    switch (M - m) {
+      case 3: stream_packed_rows<3>(x + m * K, wp + b * block, scale + b * 16, y + m * N + b * 16, N, K); break;
+      case 2: stream_packed_rows<2>(x + m * K, wp + b * block, scale + b * 16, y + m * N + b * 16, N, K); break;
+      case 1: stream_packed_rows<1>(x + m * K, wp + b * block, scale + b * 16, y + m * N + b * 16, N, K); break;
+    }
+  }
+}
+
 // Column blocks [b0, b1) of every row: one thread's share. Strips of four blocks (64 columns: 4 * K * 32
 // bytes, in L2) pass over all the rows, six at a time (24 accumulators, 4 weight vectors, 1 broadcast).
-SLUICE_NATIVE_BF16 void packed_columns(const uint32_t* xp, const uint32_t* wp, float* y, int64_t M, int64_t N,
-                                       int64_t pairs, int64_t b0, int64_t b1) {
-  const int64_t stride = pairs * 16;
+// int8 weights (W = int8_t, with `scale`) are widened a strip at a time into a buffer that stays in L2 and
+// multiplied from there: memory reads their one byte a weight, and the sums are bfloat16 weights' sums, in
+// the same order at every row count.
+template <typename W>
+SLUICE_NATIVE_BF16 void packed_columns(const uint32_t* xp, const W* wp, const float* scale, float* y, int64_t M,
+                                       int64_t N, int64_t pairs, int64_t b0, int64_t b1) {
+  const int64_t stride = pairs * 16;  // one block's weights, in pairs of bfloat16
   auto rows = [&](auto nb, int64_t b) {
     constexpr int NB = decltype(nb)::value;
+    const uint32_t* wb;
+    if constexpr (std::is_same_v<W, int8_t>) {
+      static thread_local std::vector<uint32_t> strip;
+      if (strip.size() < static_cast<size_t>(4 * stride)) strip.resize(4 * stride);
+      widen_packed(wp + b * pairs * 32, strip.data(), NB * pairs);
+      wb = strip.data();
+    } else {
+      wb = wp + b * stride;
+    }
+    const float* sc = scale ? scale + b * 16 : nullptr;
     int64_t m = 0;
-    for (; m + 6 <= M; m += 6) packed_tile<6, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N);
+    for (; m + 6 <= M; m += 6) packed_tile<6, NB>(xp + m * pairs, pairs, wb, stride, sc, y + m * N + b * 16, N);
     switch (M - m) {
-      case 5: packed_tile<5, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
-      case 4: packed_tile<4, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
-      case 3: packed_tile<3, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
-      case 2: packed_tile<2, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
-      case 1: packed_tile<1, NB>(xp + m * pairs, pairs, wp + b * stride, stride, y + m * N + b * 16, N); break;
+      case 5: packed_tile<5, NB>(xp + m * pairs, pairs, wb, stride, sc, y + m * N + b * 16, N); break;
+      case 4: packed_tile<4, NB>(xp + m * pairs, pairs, wb, stride, sc, y + m * N + b * 16, N); break;
+      case 3: packed_tile<3, NB>(xp + m * pairs, pairs, wb, stride, sc, y + m * N + b * 16, N); break;
+      case 2: packed_tile<2, NB>(xp + m * pairs, pairs, wb, stride, sc, y + m * N + b * 16, N); break;
+      case 1: packed_tile<1, NB>(xp + m * pairs, pairs, wb, stride, sc, y + m * N + b * 16, N); break;
     }
   };
   int64_t b = b0;
@@ -287,16 +366,23 @@ SLUICE_NATIVE_BF16 void packed_columns(const uint32_t* xp, const uint32_t* wp, f
   for (; b < b1; b++) rows(std::integral_constant<int, 1>{}, b);
 }
 
-at::Tensor linear_packed(const at::Tensor& x_in, const at::Tensor& wp) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "packed bfloat16 weights need AVX512-BF16");
-  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.scalar_type() == at::kBFloat16 &&
-                  wp.is_contiguous(), "packed bfloat16 weights [N / 16, K / 2, 16, 2]");
+at::Tensor run_packed(const at::Tensor& x_in, const at::Tensor& wp, const float* scale) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "packed weights need AVX512-BF16");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == 16 && wp.size(3) == 2 && wp.is_contiguous(),
+              "packed weights [N / 16, K / 2, 16, 2]");
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == wp.size(1) * 2 && x_in.size(1) % 16 == 0 &&
                   x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "float32 rows [M, K] on the CPU, K a multiple of 16");
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), blocks = wp.size(0), N = blocks * 16, pairs = K / 2;
   at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t grain = std::max<int64_t>(4, (blocks / at::get_num_threads() + 3) / 4 * 4);
+  if (scale && M <= kStreamRows) {
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      stream_packed(x.data_ptr<float>(), wp.const_data_ptr<int8_t>(), scale, y.data_ptr<float>(), M, N, K, b0, b1);
+    });
+    return y;
+  }
   std::vector<uint16_t> xb(M * K);
   const float* xf = x.data_ptr<float>();
   if (M * K >= 65536)
@@ -304,11 +390,27 @@ at::Tensor linear_packed(const at::Tensor& x_in, const at::Tensor& wp) {
   else
     round_rows(xf, xb.data(), 0, M, K);
   const auto* xp = reinterpret_cast<const uint32_t*>(xb.data());
-  const auto* w32 = reinterpret_cast<const uint32_t*>(wp.const_data_ptr<c10::BFloat16>());
   float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(4, (blocks / at::get_num_threads() + 3) / 4 * 4);
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { packed_columns(xp, w32, yp, M, N, pairs, b0, b1); });
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    if (scale)
+      packed_columns(xp, wp.const_data_ptr<int8_t>(), scale, yp, M, N, pairs, b0, b1);
+    else
+      packed_columns(xp, reinterpret_cast<const uint32_t*>(wp.const_data_ptr<c10::BFloat16>()), nullptr, yp, M, N,
+                     pairs, b0, b1);
+  });
   return y;
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp) {
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "packed bfloat16 weights");
+  return run_packed(x, wp, nullptr);
+}
+
+at::Tensor linear_int8_packed(const at::Tensor& x, const at::Tensor& wp, const at::Tensor& scale) {
+  TORCH_CHECK(wp.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && wp.dim() == 4 &&
+                  scale.numel() == wp.size(0) * 16 && scale.is_contiguous(),
+              "packed int8 weights with one float32 scale per row");
+  return run_packed(x, wp, scale.const_data_ptr<float>());
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -331,10 +433,12 @@ TORCH_LIBRARY(sluice, m) {
   m.def("linear_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor wp) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("linear_int8_packed(Tensor x, Tensor wp, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sluice, CPU, m) {
   m.impl("linear_bf16", &linear_bf16);
   m.impl("linear_packed", &linear_packed);
   m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int8_packed", &linear_int8_packed);
 }

@@ -287,8 +287,9 @@ class LlamaModel(nn.Module):
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens.dim() == 4:  # a tied vocabulary packed for AVX512-BF16 (cpu_kernels.pack)
-            return cpu_kernels.packed_rows(self.embed_tokens, ids).to(self.dtype)
-        rows = F.embedding(ids, self.embed_tokens).to(self.dtype)  # narrow weights: see `linear`
+            rows = cpu_kernels.packed_rows(self.embed_tokens, ids).to(self.dtype)
+        else:
+            rows = F.embedding(ids, self.embed_tokens).to(self.dtype)  # narrow weights: see `linear`
         if self.embed_tokens_scale is None:
             return rows
         return rows * F.embedding(ids, self.embed_tokens_scale.unsqueeze(-1))  # int8 rows' scales, compute dtype

@@ -125,9 +125,24 @@ def test_int8_logits_follow_the_unquantized_model(tiny_llama, dtype):
     source = ModelSource("tiny", tiny_llama)
     ref, q8 = load_model(source, dtype), load_model(source, dtype, quantize="int8")
     assert q8.layers[0].qkv_proj.dtype == torch.int8 and q8.dtype == dtype
+    # Under float32 compute on AVX512-BF16 CPUs the int8 matrices are packed (not this untied model's
+    # embeddings, only looked up); bfloat16 rows go to ATen's kernel, which takes them unpacked.
+    packed = dtype == torch.float32 and cpu_kernels.native_bf16() and bool(cpu_kernels.load())
+    assert q8.layers[0].qkv_proj.dim() == q8.lm_head.dim() == (4 if packed else 2) and q8.embed_tokens.dim() == 2
     logits = {"ref": first_logits(ref), "q8": first_logits(q8)}
     cos = torch.nn.functional.cosine_similarity(logits["ref"], logits["q8"], dim=-1)
     assert (cos > 0.99).all(), cos
+
+
+def test_a_tied_int8_vocabulary_is_looked_up_with_its_scales(tiny_llama):
+    """A tied vocabulary is the embedding table too: packed int8 (AVX512-BF16 CPUs, float32 compute) or not,
+    a token's embedding is its int8 row times the row's scale."""
+    cpu_kernels.load()
+    q8 = load_model(ModelSource("tiny", tiny_llama), torch.float32, quantize="int8")
+    q8.embed_tokens, q8.embed_tokens_scale, q8.lm_head = q8.lm_head, q8.lm_head_scale, None  # tied, as SmolLM2's
+    ids = torch.tensor([0, 5, 17, 300])
+    rows = cpu_kernels.packed_rows(q8.embed_tokens, ids) if q8.embed_tokens.dim() == 4 else q8.embed_tokens[ids]
+    torch.testing.assert_close(q8.embed(ids), rows.float() * q8.embed_tokens_scale[ids, None])
 
 
 @pytest.mark.slow  # two loads of the real model

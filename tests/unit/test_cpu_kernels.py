@@ -85,6 +85,38 @@ def test_packed_shapes_that_do_not_fit_are_refused():
         torch.ops.sluice.linear_packed(torch.randn(2, 32), cpu_kernels.pack(torch.randn(16, 64).bfloat16()))
 
 
+@native
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 16, 130])
+@pytest.mark.parametrize("n, k", [(16, 16), (48, 576), (80, 1552)])
+def test_packed_int8_weights_apply_their_row_scales(threads, rows, n, k):
+    """Up to 8 rows (decode steps) the packed int8 weights stream through float32 registers and the rows
+    stay float32, four at a time and then the rest; past 8 they are widened to bfloat16 a strip at a time
+    and multiplied as packed bfloat16 weights are, the rows rounded to bfloat16."""
+    torch.manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k)
+    q, scale = quantize_rows(torch.randn(n, k) * torch.linspace(0.01, 2, n)[:, None])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.linear(x, cpu_kernels.pack(q), scale)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    rows_as = x if rows <= 8 else x.bfloat16()
+    torch.testing.assert_close(got, reference(rows_as, q, scale), rtol=1e-4, atol=1e-4 * k**0.5)
+
+
+@native
+def test_packed_int8_rows_are_the_matrix_rows_and_shapes_that_do_not_fit_stay_unpacked():
+    q, _ = quantize_rows(torch.randn(48, 96))
+    ids = torch.tensor([0, 15, 16, 47])
+    assert torch.equal(cpu_kernels.packed_rows(cpu_kernels.pack(q), ids), q[ids])
+    assert cpu_kernels.pack(quantize_rows(torch.randn(20, 64))[0]) is None
+    with pytest.raises(RuntimeError, match="one float32 scale per row"):
+        cpu_kernels.linear(torch.randn(2, 96), cpu_kernels.pack(q), torch.ones(47))
+
+
 @pytest.mark.parametrize("rows", [10, 11, 13])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_row_blocks_of_every_tile_shape(rows, dtype):
