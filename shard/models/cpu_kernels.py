@@ -35,6 +35,15 @@ vdpbf16ps multiplies 32 of them per instruction into 16 output columns, the rows
 Unpacked weights (int8, and bfloat16 where there is no AVX512-BF16) are streamed 16 at a time on AVX-512
 CPUs for up to 8 rows, 8 at a time elsewhere: int8 layers at 1 row 2.57-2.78 -> 2.49-2.55 ms, 2 rows
 3.15-3.31 -> 2.70-3.06, 4 rows 5.83-6.01 -> 4.10-4.55 (Zen 5, session 26).
+
+int8 weights are packed too on AVX512-BF16 CPUs (session 28): up to 8 rows they stream through float32
+registers as the unpacked ones do; past 8 a strip of four column blocks is widened to bfloat16 (exactly)
+into a buffer in L2 and multiplied with vdpbf16ps, the rows rounded to bfloat16. The 30 layers, Zen 5:
+
+  rows                          1           4      16      64      512
+  int8, unpacked                2.33-2.42   4.26   16.5    54.5    455 ms
+  int8, packed                  2.33-2.49   3.46   8.8     19.4    117
+  (widened in the buffer at every row count, 1 row took 5.75 ms: why the stream below 9)
 """
 from __future__ import annotations
 
