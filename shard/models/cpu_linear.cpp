@@ -1,8 +1,8 @@
 // y = x @ w.T for float32 rows x [M, K] and narrow weights w [N, K]: bfloat16, or int8 with one float32
 // scale per row. x86 with AVX2 + FMA; K a multiple of 8. Built and loaded by shard/models/cpu_kernels.py,
 // which says why these exist (MKL has no fast path for either on AVX2) and what they measured.
-// Where the CPU has native bf16 (AVX512-BF16), bfloat16 weights are packed for it (linear_packed): the
-// path is chosen at run time, so one build serves both kinds of host.
+// Where the CPU has native bf16 (AVX512-BF16), bfloat16 and int8 weights are packed for it (linear_packed,
+// linear_int8_packed): the path is chosen at run time, so one build serves both kinds of host.
 #include <immintrin.h>
 
 #include <algorithm>
