@@ -233,7 +233,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor& w, const float* scale) 
   return y;
 }
 
-// --- AVX512-BF16: packed bfloat16 weights ---------------------------------------------------------------
+// --- AVX512-BF16: packed bfloat16 and int8 weights ------------------------------------------------------
 // The weights of y = x @ w.T packed as wp [N / 16, K / 2, 16, 2]: for each block of 16 output columns,
 // one 64-byte vector per pair of k holds those 16 columns' weights at k and k + 1 (the pairs vdpbf16ps
 // multiplies). x is rounded to bfloat16, each pair broadcast to all lanes, so an accumulator holds 16
