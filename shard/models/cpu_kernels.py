@@ -1,6 +1,6 @@
 """Our CPU kernels, built with the machine's C++ compiler at first use, then cached:
   * cpu_linear.cpp: float32 rows times bfloat16 weights, and times int8 weights with a float32 scale
-    per row; on CPUs with AVX512-BF16, times bfloat16 weights packed for vdpbf16ps (`pack`);
+    per row; on CPUs with AVX512-BF16, times bfloat16 or int8 weights packed for vdpbf16ps (`pack`);
   * cpu_attention.cpp: decode attention over float32 or float16 paged KV caches, read in place;
   * cpu_sampling.cpp: each sampling row's argmax and logsumexp from one read of its logits.
 

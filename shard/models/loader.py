@@ -23,7 +23,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from shard.models.llama import LlamaConfig, LlamaModel
-from shard.models.quantize import QUANTIZE, pack, quantize_int8
+from shard.models.quantize import QUANTIZE, pack_matrices, quantize_int8
 from shard.parallel import TPGroup, check_divisible
 from sluice.modelfiles import ModelSource, cache_path
 
@@ -39,7 +39,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
     """`dtype`: the compute dtype. `quantize`: None, or a name in shard.models.quantize.QUANTIZE.
     `matrices`: the dtype the projections and vocabulary are stored in, if not `dtype` (the norms keep
     `dtype`): bfloat16 under float32 compute is the default on CPUs where our kernels run (packed for
-    AVX512-BF16 where the CPU has it, quantize.pack; int8 ones too). `kv_cache`:
+    AVX512-BF16 where the CPU has it, quantize.pack_matrices; int8 ones too). `kv_cache`:
     the KV cache's dtype, if not `dtype` (float16 under float32 compute where our CPU attention runs)."""
     tp = tp or TPGroup()
     cfg, get = _open_gguf(source.path) if source.is_gguf else _open_hf(source.path)
@@ -57,7 +57,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
             raise ValueError(f"--quantize {quantize!r} is not supported: int8 (or its TGI name eetq) is")
         quantize_int8(model)
     if dtype == torch.float32 and (quantize or matrices == torch.bfloat16):
-        pack(model)  # AVX512-BF16 CPUs only: narrow matrices under float32 compute, which our kernel multiplies
+        pack_matrices(model)  # AVX512-BF16 CPUs only: narrow matrices under float32 compute, which our kernel multiplies
     return model
 
 

@@ -5,11 +5,11 @@ Two narrow forms, both for the matrices only (projections and vocabulary); norms
 and the KV cache stay in the compute dtype:
   * bfloat16 under float32 compute: the default on CPUs where our kernels run (shard/hardware.py), half
     float32's bytes, multiplied by our kernel (shard/models/cpu_kernels.py).
-    Where the CPU has AVX512-BF16 they are packed for its vdpbf16ps instruction (`pack`).
+    Where the CPU has AVX512-BF16 they are packed for its vdpbf16ps instruction (`pack_matrices`).
   * int8 (`--quantize int8`, TGI's `eetq` name accepted): one scale per output row, symmetric
     (absmax / 127), a quarter of float32's bytes. Float32 rows go through our kernel, bfloat16 ones
     (and CPUs without it) through ATen's `_weight_int8pack_mm`. Where the CPU has AVX512-BF16 they are
-    packed as bfloat16 ones are (`pack`): the kernel widens them to bfloat16 (exactly) a strip at a time and
+    packed as bfloat16 ones are (`pack_matrices`): the kernel widens them to bfloat16 (exactly) a strip at a time and
     multiplies them with vdpbf16ps.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def quantize_int8(model: LlamaModel) -> LlamaModel:
     return model
 
 
-def pack(model: LlamaModel) -> LlamaModel:
+def pack_matrices(model: LlamaModel) -> LlamaModel:
     """In place: the bfloat16 or int8 matrices our CPU kernel multiplies, packed for AVX512-BF16 where the
     CPU has it (cpu_kernels.pack; a tied vocabulary is looked up in its packed form). Elsewhere a no-op."""
     for module, name in _matrices(model):
