@@ -57,7 +57,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, tp: TPGroup | None = Non
             raise ValueError(f"--quantize {quantize!r} is not supported: int8 (or its TGI name eetq) is")
         quantize_int8(model)
     if dtype == torch.float32 and (quantize or matrices == torch.bfloat16):
-        pack_matrices(model)  # AVX512-BF16 CPUs only: narrow matrices under float32 compute, which our kernel multiplies
+        pack_matrices(model)  # AVX512-BF16 CPUs only; narrow matrices under float32 compute: our kernel's
     return model
 
 
