@@ -61,20 +61,18 @@ class _Stream:
                 queue.put_nowait(end)
             self.queues.clear()
 
-
     def _deliver_packed(self, response: shard_pb2.GenerationsResponse) -> None:
         """The packed plain tokens, one Reply per generation as an update would be (its tokens are consecutive:
         shard.proto). Appending to a Reply already queued is safe: its reader runs only after this returns."""
         reply, last = None, None
         for gid, token_id, logprob in zip(response.tokens_of, response.token_ids, response.token_logprobs):
-            if gid == last:
-                if reply is not None:
-                    reply.tokens.append(Token(token_id, logprob))
-                continue
-            last, queue = gid, self.queues.get(gid)
-            reply = None if queue is None else Reply([Token(token_id, logprob)])
-            if queue is not None:
-                queue.put_nowait(reply)
+            if gid != last:  # the generation's first token here: its Reply, unless nobody reads it any more
+                last, queue = gid, self.queues.get(gid)
+                reply = None if queue is None else Reply([])
+                if queue is not None:
+                    queue.put_nowait(reply)
+            if reply is not None:
+                reply.tokens.append(Token(token_id, logprob))
 
 
 class SharedStream:
