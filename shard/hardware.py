@@ -21,9 +21,15 @@ The rule, from bench/RESULTS.md (SmolLM2-135M, 2-core AMD EPYC hosts, same load 
     CPU) but takes minutes on a small CPU, so by default it runs in the background after the shard is
     already serving eagerly (model_runner.ModelRunner.warm_up). Not with tensor parallelism (the
     collectives are not traced) and not on CUDA (never measured there).
+  * The engine's CPU threads: the CPUs the process may keep busy (its affinity, capped by its cgroup's CPU
+    quota, rounded down), split among the tensor-parallel ranks. torch's own default counts the affinity
+    but not the quota: in a container limited to one CPU of this 2-core host (`docker run --cpus 1`, a
+    Kubernetes limit of 1), two threads served 16 streams at 252 tok/s against 348 with one (bench/RESULTS.md,
+    session 29); a 64-core node running a 4-CPU pod would start 64.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +44,68 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     line = next((l for l in text.splitlines() if l.startswith("flags")), "")
     return frozenset(line.partition(":")[2].split())
+
+
+def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process can keep busy: its affinity (taskset, a cpuset, Kubernetes' static CPU manager),
+    capped by its cgroup's CPU quota (`docker run --cpus`, a Kubernetes CPU limit) rounded down, at least 1.
+    Rounded down: OpenMP threads past the quota are throttled together, and the fraction left over serves
+    the router, which shares the container under `sluice serve`."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(proc_cgroup, cgroup_fs)
+    return cpus if quota is None else max(1, min(cpus, int(quota)))
+
+
+def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The tightest CPU quota, in CPUs, over this process's cgroup and its ancestors, cgroup v2 (`cpu.max`)
+    or v1 (`cpu.cfs_quota_us` over `cpu.cfs_period_us`); None where there is none (or no cgroup file system).
+    Inside a container the path /proc names may be the host's while the mount shows the container's own
+    cgroup at its root: the mount's root is read too."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if not controllers:  # the v2 hierarchy
+            quotas += [_v2_quota(d / "cpu.max") for d in _ancestors(cgroup_fs, path)]
+        elif "cpu" in controllers.split(","):
+            mounts = [cgroup_fs / controllers, cgroup_fs / "cpu", cgroup_fs / "cpu,cpuacct"]
+            mount = next((m for m in mounts if m.is_dir()), None)
+            if mount is not None:
+                quotas += [_v1_quota(d) for d in _ancestors(mount, path)]
+    quotas = [q for q in quotas if q is not None]
+    return min(quotas) if quotas else None
+
+
+def _ancestors(mount: Path, path: str) -> list[Path]:
+    """The cgroup's directory under `mount`, its parents', and the mount's root."""
+    parts = [p for p in path.split("/") if p and p != ".."]
+    return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _v2_quota(cpu_max: Path) -> float | None:
+    try:
+        quota, period = cpu_max.read_text().split()
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _v1_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def engine_threads(requested: int | None, ranks: int) -> int:
+    """The engine's torch CPU threads per rank: `requested` (--num-threads), or the usable CPUs split among
+    the ranks on this host (oversubscribed OpenMP threads stall every barrier and every collective)."""
+    return requested or max(1, usable_cpus() // ranks)
 
 
 def choose_dtype(requested: str, device: str, quantize: str | None, flags: frozenset[str] | None = None,

@@ -18,7 +18,7 @@ import time
 import torch
 
 from shard.engine import Engine, EngineConfig
-from shard.hardware import choose_compile, choose_dtype, choose_kv_cache, choose_matrices
+from shard.hardware import choose_compile, choose_dtype, choose_kv_cache, choose_matrices, engine_threads
 from shard.model_runner import ModelRunner
 from shard.models import cpu_kernels, cpu_matmul
 from shard.models.loader import load_model, model_config
@@ -75,11 +75,8 @@ def _engine_config(settings: ShardSettings, device: str, tp_size: int) -> Engine
 
 def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     device = _device(settings, tp)
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-    elif tp.size > 1 and not torch.cuda.is_available():
-        # Ranks on one host share its cores: oversubscribed OpenMP threads stall every collective.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
+    if settings.num_threads or not torch.cuda.is_available():
+        torch.set_num_threads(engine_threads(settings.num_threads, tp.size))
     cpu_matmul.use_threads(torch.get_num_threads())
     t0 = time.time()
     # Our CPU kernels take float32 rows and narrow weights: the default's bfloat16 ones, or --quantize's int8.
@@ -92,8 +89,8 @@ def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     weights = f"{settings.quantize or matrices} weights"
     if model.layers[0].qkv_proj.dim() == 4:
         weights += " packed for AVX512-BF16"
-    log.info("rank %d/%d loaded %s (%s compute, %s, %s KV cache) in %.1fs", tp.rank, tp.size,
-             source.model_id, dtype, weights, kv_cache, time.time() - t0)
+    log.info("rank %d/%d loaded %s (%s compute, %s, %s KV cache, %d CPU threads) in %.1fs", tp.rank, tp.size,
+             source.model_id, dtype, weights, kv_cache, torch.get_num_threads(), time.time() - t0)
     return model
 
 
