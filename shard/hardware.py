@@ -103,9 +103,15 @@ def _v1_quota(directory: Path) -> float | None:
 
 
 def engine_threads(requested: int | None, ranks: int) -> int:
-    """The engine's torch CPU threads per rank: `requested` (--num-threads), or the usable CPUs split among
-    the ranks on this host (oversubscribed OpenMP threads stall every barrier and every collective)."""
-    return requested or max(1, usable_cpus() // ranks)
+    """The engine's torch CPU threads per rank: `requested` (--num-threads), else OMP_NUM_THREADS where it is
+    set (a process's own count, as torch reads it), else the usable CPUs split among the ranks on this host
+    (oversubscribed OpenMP threads stall every barrier and every collective)."""
+    if requested:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, usable_cpus() // ranks)
 
 
 def choose_dtype(requested: str, device: str, quantize: str | None, flags: frozenset[str] | None = None,

@@ -94,11 +94,20 @@ def test_no_quota_leaves_the_affinity(tmp_path):
     assert usable_cpus(tmp_path / "proc", tmp_path / "fs") == len(os.sched_getaffinity(0))
 
 
-def test_the_engine_threads_follow_the_affinity_and_split_among_ranks():
+def test_the_engine_threads_follow_the_affinity_and_split_among_ranks(monkeypatch):
     """In a process pinned to one CPU (taskset, a cpuset), one thread; --num-threads wins."""
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "from shard.hardware import engine_threads; print(engine_threads(None, 1), engine_threads(3, 1))")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "3"]
     assert engine_threads(None, 2) == max(1, usable_cpus() // 2)
     assert engine_threads(None, 10**6) == 1
+
+
+def test_omp_num_threads_is_honoured_as_torch_honours_it(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine_threads(None, 1) == 3
+    assert engine_threads(5, 1) == 5
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert engine_threads(None, 1) == usable_cpus()
