@@ -67,7 +67,10 @@ def cgroup_cpu_quota(proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_fs: P
         return None
     quotas = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if not controllers:  # the v2 hierarchy
             quotas += [_v2_quota(d / "cpu.max") for d in _ancestors(cgroup_fs, path)]
         elif "cpu" in controllers.split(","):

@@ -37,8 +37,10 @@ class ShardSettings:
     max_batch_prefill_tokens: int = option(512, env="MAX_BATCH_PREFILL_TOKENS", type=int,
                                            help="tokens computed per engine step; longer prompts are split across steps")
     max_batch_size: int = option(64, env="MAX_BATCH_SIZE", type=int, help="running sequences per step")
-    num_threads: int | None = option(None, type=int, help="torch CPU threads per rank (default: OMP_NUM_THREADS, else the CPUs this process may use, its affinity capped by its "
-                                    "cgroup's CPU quota, split among the ranks)")
+    num_threads: int | None = option(None, type=int,
+                                     help="torch CPU threads per rank (default: OMP_NUM_THREADS, else the CPUs this "
+                                          "process may use, its affinity capped by its cgroup's CPU quota, split "
+                                          "among the ranks)")
     compile: bool | None = option(None, env="COMPILE", action="optional_bool",
                                   help="torch.compile decode steps (num-shard 1, CPU). Unset: compiled in the "
                                        "background while the shard already serves eagerly; --compile: before it "

@@ -87,7 +87,7 @@ def test_a_cgroup_v1_quota_inside_a_container_is_read_at_the_mounts_root(tmp_pat
 
 
 def test_no_quota_leaves_the_affinity(tmp_path):
-    _tree(tmp_path, {"proc": "3:cpu:/\n0::/\n", "fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n",
+    _tree(tmp_path, {"proc": "3:cpu:/\nnot a cgroup line\n0::/\n", "fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n",
                      "fs/cpu.max": "max 100000\n"})
     assert cgroup_cpu_quota(tmp_path / "proc", tmp_path / "fs") is None
     assert cgroup_cpu_quota(tmp_path / "missing", tmp_path / "fs") is None
