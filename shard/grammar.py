@@ -11,6 +11,7 @@ import threading
 import llguidance
 import torch
 
+from shard.models import cpu_kernels
 from sluice.modelfiles import ModelSource, load_tokenizer
 
 
@@ -55,5 +56,7 @@ def mask_logits(logits: torch.Tensor, matchers: list[llguidance.LLMatcher]) -> N
     bitmask = torch.full(((len(matchers)), (vocab + 31) // 32), -1, dtype=torch.int32)
     for i, m in enumerate(matchers):
         llguidance.torch.fill_next_token_bitmask(m, bitmask, i)
+    if cpu_kernels.mask_logits(logits, bitmask):  # 16 rows, 49k vocabulary: ~0.05 ms against 0.6-2 ms below
+        return
     allowed = ((bitmask.unsqueeze(-1) >> _BITS) & 1).view(len(matchers), -1)[:, :vocab]
     logits.masked_fill_(allowed == 0, float("-inf"))

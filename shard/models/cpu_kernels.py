@@ -186,6 +186,16 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] 
     return torch.ops.sluice.argmax_logsumexp(logits)
 
 
+def mask_logits(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:
+    """In place: -inf wherever the int32 `bitmask` [n, ceil(vocab / 32)] (llguidance's layout) has a 0 bit,
+    in contiguous float32 CPU logits [n, vocab]. False where the kernels do not run (the caller masks)."""
+    if not (_loaded and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2
+            and logits.is_contiguous()):
+        return False
+    torch.ops.sluice.mask_logits(logits, bitmask)
+    return True
+
+
 def native_bf16() -> bool:
     """Whether the CPU multiplies bfloat16 natively (AVX512-BF16): then bfloat16 weights are packed for
     `linear`'s vdpbf16ps path."""

@@ -4,6 +4,7 @@
 // AVX2 host), argmax alone 0.5 ms. x86 with AVX2 + FMA; built by shard/models/cpu_kernels.py.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -74,8 +75,52 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits_in)
   return {chosen, lse};
 }
 
+// Grammar masks (shard/grammar.py): -inf in logits [n, V] wherever bit t % 32 of bitmask[i, t / 32] is 0.
+// Unpacking the bits with ATen ops (shift, and, masked_fill over [n, V]) took 0.6-2 ms a step at 16 rows
+// over a 49k vocabulary (Zen 5 host): up to a tenth of a decode step. Words that allow all 32 tokens are skipped.
+void mask_logits(at::Tensor& logits, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
+                  logits.is_contiguous(),
+              "contiguous float32 logits [n, vocab] on the CPU");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kInt && bitmask.is_contiguous() &&
+                  bitmask.size(0) == logits.size(0) && bitmask.size(1) * 32 >= logits.size(1),
+              "a contiguous int32 bitmask [n, ceil(vocab / 32)]");
+  const int64_t n = logits.size(0), V = logits.size(1), W = bitmask.size(1);
+  float* lp = logits.data_ptr<float>();
+  const uint32_t* bp = reinterpret_cast<const uint32_t*>(bitmask.const_data_ptr<int32_t>());
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const __m256 ninf8 = _mm256_set1_ps(ninf);
+  const __m256i lane_bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      float* row = lp + i * V;
+      const uint32_t* words = bp + i * W;
+      for (int64_t w = 0; w * 32 < V; w++) {
+        const uint32_t bits = words[w];
+        if (bits == 0xFFFFFFFFu) continue;
+        float* out = row + w * 32;
+        if (V - w * 32 >= 32) {  // eight tokens at a time: each lane tests its own bit, a blend writes -inf
+          for (int j = 0; j < 4; j++) {
+            const __m256i lane = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits >> (8 * j))), lane_bits);
+            const __m256 banned = _mm256_castsi256_ps(_mm256_cmpeq_epi32(lane, _mm256_setzero_si256()));
+            _mm256_storeu_ps(out + 8 * j, _mm256_blendv_ps(_mm256_loadu_ps(out + 8 * j), ninf8, banned));
+          }
+        } else {
+          for (int64_t b = 0; b < V - w * 32; b++) out[b] = (bits >> b) & 1u ? out[b] : ninf;
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(sluice, m) { m.def("argmax_logsumexp(Tensor logits) -> (Tensor, Tensor)"); }
+TORCH_LIBRARY_FRAGMENT(sluice, m) {
+  m.def("argmax_logsumexp(Tensor logits) -> (Tensor, Tensor)");
+  m.def("mask_logits(Tensor(a!) logits, Tensor bitmask) -> ()");
+}
 
-TORCH_LIBRARY_IMPL(sluice, CPU, m) { m.impl("argmax_logsumexp", &argmax_logsumexp); }
+TORCH_LIBRARY_IMPL(sluice, CPU, m) {
+  m.impl("argmax_logsumexp", &argmax_logsumexp);
+  m.impl("mask_logits", &mask_logits);
+}

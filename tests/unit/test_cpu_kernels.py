@@ -245,3 +245,22 @@ def test_argmax_and_logsumexp_match_atens(vocab):
     chosen, lse = cpu_kernels.argmax_logsumexp(logits)
     assert torch.equal(chosen, logits.argmax(-1))
     torch.testing.assert_close(lse, torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 49152])
+def test_grammar_masks_match_the_bit_by_bit_reading(vocab):
+    """llguidance's bitmask (bit t % 32 of word t / 32: token t allowed) applied in place: words that
+    allow everything, nothing, or some; a vocabulary that ends inside a word."""
+    torch.manual_seed(vocab)
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (4, words), dtype=torch.int32)
+    bitmask[1] = -1
+    bitmask[2] = 0
+    bitmask[3, : words // 2] = -1
+    logits = torch.randn(4, vocab)
+    expected = logits.clone()
+    allowed = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(4, -1)[:, :vocab]
+    expected.masked_fill_(allowed == 0, float("-inf"))
+    assert cpu_kernels.mask_logits(logits, bitmask)
+    assert torch.equal(logits, expected)
+    assert not cpu_kernels.mask_logits(logits.repeat(1, 2)[:, ::2], bitmask)  # strided: the caller masks
