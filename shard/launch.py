@@ -75,7 +75,7 @@ def _engine_config(settings: ShardSettings, device: str, tp_size: int) -> Engine
 
 def _load(settings: ShardSettings, source: ModelSource, tp: TPGroup):
     device = _device(settings, tp)
-    if settings.num_threads or not torch.cuda.is_available():
+    if settings.num_threads or device == "cpu":
         torch.set_num_threads(engine_threads(settings.num_threads, tp.size))
     cpu_matmul.use_threads(torch.get_num_threads())
     t0 = time.time()

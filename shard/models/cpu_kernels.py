@@ -2,7 +2,8 @@
   * cpu_linear.cpp: float32 rows times bfloat16 weights, and times int8 weights with a float32 scale
     per row; on CPUs with AVX512-BF16, times bfloat16 or int8 weights packed for vdpbf16ps (`pack`);
   * cpu_attention.cpp: decode attention over float32 or float16 paged KV caches, read in place;
-  * cpu_sampling.cpp: each sampling row's argmax and logsumexp from one read of its logits.
+  * cpu_sampling.cpp: each sampling row's argmax and logsumexp from one read of its logits, and the
+    constrained rows' grammar masks (llguidance's bitmask applied in place).
 
 Why our own: a decode step reads every weight once, so at small batches its time is the bytes read,
 and on CPUs without native bf16 (AVX2) no library we have reads narrow weights at memory speed.
