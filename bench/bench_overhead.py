@@ -24,16 +24,17 @@ arrivals spread over milliseconds and it breaks. That is the workload's artifact
 `--length-spread 0.25` draws each request's length from 128 x (1 +- 0.25), the same draws on every side of
 a round, and no side keeps a cohort (nor does real traffic).
 
-Through HTTP the server is driven twice a round, by two streaming /v1/completions load generators:
-bench_llamacpp's (httpx) and sse_client's (a bare asyncio protocol, on uvloop). Both share the two cores with the
-server, and whatever CPU the generator takes the engine loses (it has no counterpart in-process): httpx
-costs ~4% of a core at c=16, the lean one (on uvloop: ~34 us a token against ~50 on asyncio's own loop, Zen
-5 host) about a third of that, so the lean row is the closer measure of the server's own overhead. Overhead = 1 - HTTP tok/s / in-process tok/s (issue 11's target: at most 5% at
-c=16).
+Through HTTP the server is driven three times a round, by three streaming /v1/completions load generators:
+bench/sse_load.c (C, one epoll loop; each wake-up waits GATHER_US so that it reads several streams' events),
+sse_client's (a bare asyncio protocol, on uvloop) and bench_llamacpp's (httpx). All share the two cores with
+the server, and whatever CPU the generator takes the engine loses (it has no counterpart in-process; a remote
+client costs the server nothing): at c=16 the C one takes ~9 us a token, the lean Python one ~22-27, httpx
+~4% of a core, so the C row is the closest measure of the router's and gRPC's own overhead. Overhead = 1 -
+HTTP tok/s / in-process tok/s (issue 11's target: at most 5% at c=16).
 
 Where the overhead comes from, measured in the same rounds: the CPU each part spends per streamed token on
-the lean side (the router's process; the shard's threads but the engine's, i.e. gRPC's and its serving
-loop's; the load generator), and a fourth side, the in-process engine again while a plain CPU load runs
+the C client's side (the router's process; the shard's threads but the engine's, i.e. gRPC's and its serving
+loop's; the load generator), and a last side, the in-process engine again while a plain CPU load runs
 beside it in a process of its own (bursts every 16 ms, like a step's tokens) taking as much of a core as
 that serving path took. When that side loses what the HTTP side loses, the overhead is the serving path's
 CPU on cores the engine needs, whatever the code that spends it.
@@ -63,6 +64,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import sse_client  # noqa: E402
 from bench_llamacpp import Result, drive, per_prompt, free_port, make_prompt, median_of, serving, sluice_cmd, summarize, CACHE  # noqa: E402
+
+# The C generator's wait on each wake-up (bench/sse_load.c): a step's events for every stream are read on one
+# or two wake-ups instead of sixteen (~9 us of its CPU a token against ~16 without, and ~22-27 for the lean
+# Python one). Stamps come up to this late: the ITL columns of that side are coarser by as much.
+GATHER_US = 1000
 
 
 def local_round(engine, tok, prompts: list[str], concurrency: int, max_tokens: int | list[int]) -> tuple[list[Result], float]:
@@ -197,10 +203,10 @@ def main() -> None:
     source = resolve(None)
     tok = load_tokenizer(source)
     engine = build_engine(ShardSettings(num_threads=args.num_threads), source)
-    sides = ("in-process engine", "HTTP, lean client", "HTTP, httpx client", "in-process + CPU load")
+    sides = ("in-process engine", "HTTP, C client", "HTTP, lean client", "HTTP, httpx client", "in-process + CPU load")
     runs: dict[str, list[tuple[dict, float]]] = {side: [] for side in sides}
-    # Per round, the lean side's CPU per streamed token (us): router, shard, the shard's over the engine
-    # in-process, the load generator; and the CPU load's duty (of one core) the fourth side ran beside.
+    # Per round, the C side's CPU per streamed token (us): router, shard, the shard's over the engine
+    # in-process, the load generator; and the CPU load's duty (of one core) the last side ran beside.
     parts: list[dict[str, float]] = []
 
     def measure() -> None:
@@ -223,13 +229,16 @@ def main() -> None:
                     for side in sides:
                         prompts = new_prompts(args.requests)
                         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+                        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         server0 = [process_cpu(p) for p in (router_pid, *shard_pids)]
                         threads0 = thread_cpu(shard_pids[0])
-                        load = cpu_load(part["duty"]) if side == sides[3] else None
+                        load = cpu_load(part["duty"]) if side == sides[4] else None
                         try:
-                            if side in (sides[0], sides[3]):
+                            if side in (sides[0], sides[4]):
                                 results, wall = local_round(engine, tok, prompts, args.concurrency, lengths)
                             elif side == sides[1]:
+                                results, wall = sse_client.drive_c(url, prompts, args.concurrency, lengths, GATHER_US)
+                            elif side == sides[2]:
                                 results, wall = sse_client.run(sse_client.drive(url, prompts, args.concurrency, lengths))
                             else:
                                 results, wall = asyncio.run(drive(url, prompts, args.concurrency, lengths))
@@ -240,7 +249,10 @@ def main() -> None:
                         server1 = [process_cpu(p) for p in (router_pid, *shard_pids)]
                         threads1 = thread_cpu(shard_pids[0])
                         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+                        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         own = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+                        if side == sides[1]:  # the C generator's CPU: a child process, counted once waited for
+                            own = child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime
                         runs[side].append((summarize(results, wall), own / wall))
                         tokens = max(1, sum(len(res.stamps) for res in results))
                         if side == sides[0]:
@@ -272,20 +284,20 @@ def main() -> None:
     median = {side: median_of([s for s, _ in runs[side]]) for side in sides}
     for side in sides:
         cpu = statistics.median(c for _, c in runs[side])
-        print(row(side, median[side]) + (f"{100 * cpu:>10.1f} %" if side in sides[1:3] else ""))
+        print(row(side, median[side]) + (f"{100 * cpu:>10.1f} %" if side in sides[1:4] else ""))
     local = [s["tok_s"] for s, _ in runs[sides[0]]]
     for side in sides[1:]:
         # Each round's HTTP run against the in-process run just before it: drift on a shared host cancels.
         ratios = [s["tok_s"] / l for (s, _), l in zip(runs[side], local)]
-        target = "; target <= 5%" if side != sides[3] else ", from the CPU load alone"
+        target = "; target <= 5%" if side != sides[4] else ", from the CPU load alone"
         print(f"{side}: throughput / in-process by round {', '.join(f'{x:.3f}' for x in ratios)}; median "
               f"{statistics.median(ratios):.3f} (overhead {100 * (1 - statistics.median(ratios)):.1f}%{target})")
     print("client CPU: the load generator's own, in % of one core (it shares the two cores with the server); the\n"
           "in-process side's client is a callback in the engine's thread")
     med = median_of(parts)
-    print(f"\nCPU per streamed token, lean side (medians over the rounds): the router's process {med['router']:.0f} us, "
+    print(f"\nCPU per streamed token, C client side (medians over the rounds): the router's process {med['router']:.0f} us, "
           f"the shard's serving threads {med['shard_serving']:.0f} us, the load generator {med['client']:.0f} us: the "
-          f"serving path\ntook {med['serving']:.0f} us a token, {100 * med['duty']:.1f}% of one core, and the fourth side "
+          f"serving path\ntook {med['serving']:.0f} us a token, {100 * med['duty']:.1f}% of one core, and the last side "
           f"ran that much CPU load beside the in-process engine.\nThe shard's process in all: {med['shard']:.0f} us a "
           f"token, against {med['engine']:.0f} us in-process (engine and stamping callback).")
 
