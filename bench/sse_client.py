@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -156,6 +157,8 @@ def sse_load_binary() -> Path:
     """bench/sse_load.c, compiled once into the bench cache (again when the source is newer)."""
     binary = CACHE / "sse_load"
     if not binary.exists() or binary.stat().st_mtime < SSE_LOAD_SOURCE.stat().st_mtime:
+        if shutil.which("gcc") is None:
+            raise SystemExit("bench/sse_load.c needs gcc to build (apt-get install gcc)")
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(SSE_LOAD_SOURCE)], check=True)
     return binary
