@@ -257,6 +257,12 @@ class Result:
     error: str | None = None
 
 
+def completion_request(prompt: str, max_tokens: int) -> dict:
+    """The benchmark's one request body, for every load generator: greedy, `max_tokens` forced, streamed, usage."""
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+
+
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Result:
     """One streaming /v1/completions request.
 
@@ -265,8 +271,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     else the number of SSE chunks carrying text. TTFT = first chunk with text; ITL = gaps between chunks
     with text (as vLLM's benchmark_serving: a chunk that carries several tokens counts as one gap).
     """
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = completion_request(prompt, max_tokens)
     res = Result(start=time.perf_counter())
     chunks = 0
     try:

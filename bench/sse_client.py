@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bench_llamacpp import CACHE, Result, per_prompt
+from bench_llamacpp import CACHE, Result, completion_request, per_prompt
 
 
 class _Stream(asyncio.Protocol):
@@ -98,8 +98,7 @@ class _Stream(asyncio.Protocol):
 
 
 def request_body(prompt: str, max_tokens: int) -> bytes:
-    return json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
+    return json.dumps(completion_request(prompt, max_tokens)).encode()
 
 
 async def one_request(url: str, prompt: str, max_tokens: int) -> Result:
