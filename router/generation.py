@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from . import deadline, tenants
-from .contract import FinishReason, ShardRequest, Token
+from .contract import FinishReason, Reply, ShardRequest, Token
 from .errors import ApiError
 from .metrics import Metrics
 from .pool import ShardError, ShardPool
@@ -160,7 +160,7 @@ class TextGenerator:
     def token_dict(self, token_id: int, logprob: float, text: str) -> dict:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
 
-    def _top_tokens(self, token: Token) -> list[dict]:
+    def top_tokens(self, token: Token) -> list[dict]:
         return [
             self.token_dict(t.id, t.logprob, self.tokenizer.decode([t.id], skip_special_tokens=False))
             for t in token.top_tokens
@@ -171,72 +171,113 @@ class TextGenerator:
     ) -> AsyncIterator[Piece]:
         """Yield one Piece per generated token; the last one has `finish_reason`. Fills `gen` as it goes.
         Returning early (a stop sequence, or the consumer going away) cancels the shard call."""
-        decoder = IncrementalDecoder(self.tokenizer, list(request.input_ids))
-        matcher = StopMatcher(stops, hold_back)
-        m = self.metrics
-        start = last = time.perf_counter()
-        m.queue.inc()
-        waiting = first = True
+        pieces = PieceMaker(self, request, stops, hold_back, gen)
         replies = self.pool.generate(request)
         at = deadline.AT.get()  # the request's deadline: the shard call is cancelled when it passes
         if at is not None:
             replies = deadline.until(at, replies)
         try:
             async for reply in replies:
-                now = time.perf_counter()
-                if first:  # prompt length and the seed actually used come with the first message
-                    gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
-                    gen.seed = reply.seed  # the request's seed, or the one the shard picked (proto)
-                    gen.prefill = [self.token_dict(t.id, None if math.isnan(t.logprob) else t.logprob,
-                                                   self.tokenizer.decode([t.id], skip_special_tokens=False))
-                                   for t in reply.prefill]
-                    first = False
-                    tenants.charge(gen.prompt_tokens, "prompt")
-                if reply.tokens:
-                    tenants.charge(len(reply.tokens), "generated")
-                    if waiting:
-                        m.queue.dec()
-                        waiting = False
-                        m.ttft.observe(now - start)
-                    else:
-                        for _ in reply.tokens:
-                            m.itl.observe((now - last) / len(reply.tokens))
-                    last = now
-                # The shard's last message carries the last token and the finish reason (shard.proto).
-                finish = reply.finish_reason
-                for i, token in enumerate(reply.tokens):
-                    text, stopped = matcher.add(decoder.add(token.id))
-                    reason = FinishReason.STOP_SEQUENCE if stopped else \
-                        (finish if i == len(reply.tokens) - 1 else None)
-                    is_last = reason is not None
-                    if is_last and not stopped:
-                        text += matcher.add(decoder.flush())[0] + matcher.finish()
-                    piece = Piece(self.token_dict(token.id, token.logprob, text), text, reason)
-                    if request.top_n_tokens:
-                        piece.top_tokens = self._top_tokens(token)
-                        gen.top_tokens.append(piece.top_tokens)
-                    gen.tokens.append(piece.token)
-                    gen.text += text
-                    if is_last:
-                        gen.finish_reason = reason
+                for piece in pieces.add(reply):
                     yield piece
-                    if is_last:
-                        return
-                if finish is not None:  # a last message without tokens
-                    text = matcher.add(decoder.flush())[0] + matcher.finish()
-                    gen.text += text
-                    gen.finish_reason = finish
-                    yield Piece(None, text, finish)
+                if pieces.finished:
                     return
-            # The stream ended without a finish reason: the shard went away mid-request.
-            raise IncompleteGeneration("the shard closed the stream before the generation finished")
+            raise IncompleteGeneration(SHARD_WENT_AWAY)
         except deadline.DeadlinePassed as exc:
             raise IncompleteGeneration(str(exc)) from exc
         finally:
-            if waiting:
+            pieces.close()
+            await replies.aclose()
+
+
+SHARD_WENT_AWAY = "the shard closed the stream before the generation finished"
+
+
+class PieceMaker:
+    """The shard's replies for one request, made into Pieces (decoded text, stop sequences, the last piece's
+    finish reason), counted in the metrics and the tenant's usage, and kept in its Generation. Plain calls:
+    the async token loop (TextGenerator.generate) and the pushed streams (push.py) both go through here."""
+
+    def __init__(self, textgen: TextGenerator, request: ShardRequest, stops: list[str], hold_back: bool,
+                 gen: Generation) -> None:
+        self.textgen, self.request, self.gen = textgen, request, gen
+        self.decoder = IncrementalDecoder(textgen.tokenizer, list(request.input_ids))
+        self.matcher = StopMatcher(stops, hold_back)
+        self.usage = tenants.CURRENT.get()  # captured: pushed replies come in no request's context
+        self.metrics = textgen.metrics
+        self.metrics.queue.inc()
+        self.start = self.last = time.perf_counter()
+        self.waiting = self.first = True
+        self.finished = False  # the last piece was made
+        self.closed = False
+
+    def _charge(self, tokens: int, kind: str) -> None:
+        if self.usage is not None and tokens:
+            self.usage.served(tokens, kind)
+
+    def add(self, reply: Reply) -> list[Piece]:
+        """The pieces one reply makes; after the one with a finish reason (a stop sequence can come before
+        the shard's), `finished` is set and nothing more is made."""
+        if self.finished:
+            return []
+        textgen, gen, m = self.textgen, self.gen, self.metrics
+        now = time.perf_counter()
+        if self.first:  # prompt length and the seed actually used come with the first message
+            gen.prompt_tokens = reply.prompt_tokens or gen.prompt_tokens
+            gen.seed = reply.seed  # the request's seed, or the one the shard picked (proto)
+            gen.prefill = [textgen.token_dict(t.id, None if math.isnan(t.logprob) else t.logprob,
+                                              textgen.tokenizer.decode([t.id], skip_special_tokens=False))
+                           for t in reply.prefill]
+            self.first = False
+            self._charge(gen.prompt_tokens, "prompt")
+        if reply.tokens:
+            self._charge(len(reply.tokens), "generated")
+            if self.waiting:
                 m.queue.dec()
-            m.generated_tokens.observe(len(gen.tokens))
-            m.input_length.observe(gen.prompt_tokens or len(request.input_ids))
+                self.waiting = False
+                m.ttft.observe(now - self.start)
+            else:
+                for _ in reply.tokens:
+                    m.itl.observe((now - self.last) / len(reply.tokens))
+            self.last = now
+        # The shard's last message carries the last token and the finish reason (shard.proto).
+        finish = reply.finish_reason
+        out = []
+        decoder, matcher = self.decoder, self.matcher
+        for i, token in enumerate(reply.tokens):
+            text, stopped = matcher.add(decoder.add(token.id))
+            reason = FinishReason.STOP_SEQUENCE if stopped else (finish if i == len(reply.tokens) - 1 else None)
+            if reason is not None and not stopped:
+                text += matcher.add(decoder.flush())[0] + matcher.finish()
+            piece = Piece(textgen.token_dict(token.id, token.logprob, text), text, reason)
+            if self.request.top_n_tokens:
+                piece.top_tokens = textgen.top_tokens(token)
+                gen.top_tokens.append(piece.top_tokens)
+            gen.tokens.append(piece.token)
+            gen.text += text
+            out.append(piece)
+            if reason is not None:
+                gen.finish_reason = reason
+                self.finished = True
+                return out
+        if finish is not None:  # a last message without tokens
+            text = matcher.add(decoder.flush())[0] + matcher.finish()
+            gen.text += text
+            gen.finish_reason = finish
+            self.finished = True
+            out.append(Piece(None, text, finish))
+        return out
+
+    def close(self) -> None:
+        """The request is over, however it ended: its last metrics."""
+        if self.closed:
+            return
+        self.closed = True
+        m = self.metrics
+        if self.waiting:
+            m.queue.dec()
+        m.generated_tokens.observe(len(self.gen.tokens))
+        m.input_length.observe(self.gen.prompt_tokens or len(self.request.input_ids))
 
 
 class IncompleteGeneration(RuntimeError):
@@ -263,22 +304,27 @@ async def collect(router: Router, job: Job, hold_back: bool) -> Generation:
     return gen
 
 
+def error_events(exc: Exception, done: str | None = None) -> list[dict | str]:
+    """What ends a stream that failed after it began (the status line, 200, is long gone): an error event
+    in TGI's shape, which every client here understands, and `done` where the dialect ends with one."""
+    if isinstance(exc, (ShardError, IncompleteGeneration, StreamCut)):
+        kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
+        log.warning("stream failed: %s", exc)
+        event = {"error": str(exc), "error_type": kind}
+    else:
+        log.error("stream failed", exc_info=exc)
+        event = {"error": f"internal error: {exc}", "error_type": "generation"}
+    return [event, done] if done else [event]
+
+
 async def guarded(events: AsyncIterator[dict | str], done: str | None = None) -> AsyncIterator[dict | str]:
-    """Turn a failure mid-stream into a final error event: the status line (200) is long gone."""
+    """Turn a failure mid-stream into its final events (error_events)."""
     try:
         async for event in events:
             yield event
-    except (ShardError, IncompleteGeneration, StreamCut) as exc:
-        kind = "incomplete_generation" if isinstance(exc, IncompleteGeneration) else "generation"
-        log.warning("stream failed: %s", exc)
-        yield {"error": str(exc), "error_type": kind}
-        if done:
-            yield done
-    except Exception as exc:
-        log.exception("stream failed")
-        yield {"error": f"internal error: {exc}", "error_type": "generation"}
-        if done:
-            yield done
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the stream's last event
+        for event in error_events(exc, done):
+            yield event
     finally:
         await events.aclose()
 

@@ -8,6 +8,7 @@ works per request across them (grpc's own dns: resolver would balance per channe
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import time
@@ -22,7 +23,7 @@ from sluice.pb import shard_pb2, shard_pb2_grpc
 from .contract import Reply, ShardHealth, ShardInfo, ShardRequest
 from .deadline import Waiting
 from .failover import continuation
-from .shard_stream import SharedStream
+from .shard_stream import SharedStream, StreamedGeneration
 
 log = logging.getLogger("sluice.router")
 
@@ -112,7 +113,7 @@ class ShardPool:
         self._poller: asyncio.Task | None = None
         self._info: ShardInfo | None = None
         self._retired: list[Replica] = []  # gone from DNS, closed once their last stream ends
-        self._calls: set = set()  # generations in flight on the shards (shard_stream.py), for abort_all
+        self._calls: set[PoolGeneration] = set()  # generations in flight on the shards, for abort_all
         self._abort_reason: str | None = None
         self.max_failovers = max_failovers
         self.on_failover = on_failover or (lambda: None)
@@ -218,65 +219,28 @@ class ShardPool:
         # With none known healthy, still try: the poller may simply not have seen it come back yet.
         return min(healthy or self.replicas, key=lambda r: r.in_flight)
 
+    def start(self, request: ShardRequest, on_reply: Callable[[Reply], None],
+              on_end: Callable[[Exception | None], None]) -> PoolGeneration:
+        """One request's replies, pushed to `on_reply` as the replica's stream reads them (PoolGeneration)."""
+        return PoolGeneration(self, request, on_reply, on_end)
+
     async def generate(self, request: ShardRequest) -> AsyncIterator[Reply]:
-        """Stream one request's tokens (on the replica's shared Generations stream, shard_stream.py). Leaving
-        the loop early (stop sequence, disconnect) cancels the generation, which frees the sequence in the
-        engine. A replica that refuses with UNAVAILABLE before the first reply (draining, or gone) hands the
-        request to another healthy one, if there is one. A replica that fails mid-stream (see _failed) hands
-        over the rest of the generation (router/failover.py), up to max_failovers times: the replies just go
-        on, as if from one replica."""
-        current, tried, sent, failovers = request, set(), [], 0
-        seed = request.params.seed
-        while True:
-            replica = self._pick(tried)
-            tried.add(replica.address)
-            replica.in_flight += 1
-            waiting = Waiting(request.priority, request.tenant, len(current.input_ids))
-            replica.waiting.append(waiting)
-            call = replica.generations.start(to_wire(current), REQUEST_ID.get())
-            self._calls.add(call)
-            started = False
-            try:
-                async for reply in call:
-                    if not started:
-                        started = True
-                        replica.waiting.remove(waiting)
-                        if current is request:
-                            seed = reply.seed  # the request's, or the one the shard picked (shard.proto)
-                    sent += [t.id for t in reply.tokens]
-                    yield reply
-                return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    replica.healthy = False
-                    if not started and any(r.healthy and r.address not in tried for r in self.replicas):
-                        log.info("shard %s unavailable (%s): trying another replica", replica.address, exc.details())
-                        continue
-                error = ShardError(f"shard {replica.address}: {exc.code().name}: {exc.details()}", exc.code())
-                if (started or current is not request) and failovers < self.max_failovers \
-                        and self._abort_reason is None and await self._failed(replica, exc):
-                    resumed = continuation(request, sent, seed)
-                    if resumed is not None and any(r.healthy and r.address not in tried for r in self.replicas):
-                        failovers += 1
-                        self.on_failover()
-                        log.warning("%s mid-stream, after %d tokens: the rest goes to another replica", error,
-                                    len(sent))
-                        current = resumed
-                        continue
-                raise error from exc
-            except asyncio.CancelledError:
-                # A generation cancelled by abort_all raises CancelledError here (as a grpc.aio call does); it is not
-                # this task's cancellation.
-                task = asyncio.current_task()
-                if self._abort_reason is None or (task is not None and task.cancelling()):
-                    raise
-                raise ShardError(self._abort_reason, grpc.StatusCode.UNAVAILABLE) from None
-            finally:
-                self._calls.discard(call)
-                replica.in_flight -= 1
-                if not started:
-                    replica.waiting.remove(waiting)
-                call.cancel()
+        """One request's replies as an async iterator (PoolGeneration's through a queue); a failure raises
+        ShardError, a stream closed before the finish just ends. Leaving the loop early cancels the generation."""
+        queue: asyncio.Queue = asyncio.Queue()
+        generation = PoolGeneration(self, request, queue.put_nowait, lambda error: queue.put_nowait(_Ended(error)))
+        try:
+            while True:
+                reply = await queue.get()
+                if type(reply) is _Ended:
+                    if reply.error is not None:
+                        raise reply.error
+                    return
+                yield reply
+                if reply.finish_reason is not None:
+                    return
+        finally:
+            generation.cancel()
 
     async def _failed(self, replica: Replica, exc: grpc.aio.AioRpcError) -> bool:
         """Whether a call's error is its replica's (gone; or draining or dying: no longer ready) rather than
@@ -294,5 +258,131 @@ class ShardPool:
         self._abort_reason = reason
         calls = list(self._calls)
         for call in calls:
-            call.cancel()
+            call.abort(reason)
         return len(calls)
+
+
+@dataclass
+class _Ended:
+    error: Exception | None
+
+
+class PoolGeneration:
+    """One request on the pool, pushed: `on_reply(reply)` for each Reply as its replica's stream reads it
+    (no task hop a token), and, unless a reply with a finish reason came first, `on_end(error)` once: a
+    ShardError, or None when the shard closed the stream before the generation finished.
+
+    A replica that refuses with UNAVAILABLE before the first reply (draining, or gone) hands the request to
+    another healthy one, if there is one. A replica that fails mid-stream (see ShardPool._failed) hands over
+    the rest of the generation (router/failover.py), up to max_failovers times: the replies just go on, as if
+    from one replica. cancel() (a stop sequence, a disconnect) frees the sequence in the engine; nothing is
+    called after it. The callbacks run on the stream reader's task, in no request's context."""
+
+    def __init__(self, pool: ShardPool, request: ShardRequest, on_reply: Callable[[Reply], None],
+                 on_end: Callable[[Exception | None], None]) -> None:
+        self.pool, self.request, self.on_reply, self.on_end = pool, request, on_reply, on_end
+        self.current, self.tried, self.sent, self.failovers = request, set(), [], 0
+        self.seed = request.params.seed
+        self.log_id = REQUEST_ID.get()
+        self.context = contextvars.copy_context()  # the request's: a failover's logs carry its id
+        self.over = False  # finished, failed, aborted or cancelled
+        self.replica: Replica | None = None
+        self.call: StreamedGeneration | None = None  # the current attempt's, until it is released
+        self.waiting: Waiting | None = None
+        self.started = False  # the current attempt's first reply came
+        self._recovery: asyncio.Task | None = None
+        self._attempt()  # ShardError when no replica is known
+
+    def _attempt(self) -> None:
+        replica = self.pool._pick(self.tried)
+        self.tried.add(replica.address)
+        replica.in_flight += 1
+        self.waiting = Waiting(self.request.priority, self.request.tenant, len(self.current.input_ids))
+        replica.waiting.append(self.waiting)
+        self.replica, self.started = replica, False
+        self.call = replica.generations.start(to_wire(self.current), self.log_id, sink=self)
+        self.pool._calls.add(self)
+
+    def _release(self) -> None:
+        """The current attempt is over: its replica's counts, and the shard's sequence if it still runs."""
+        if self.call is None:
+            return
+        self.pool._calls.discard(self)
+        self.replica.in_flight -= 1
+        if not self.started:
+            self.replica.waiting.remove(self.waiting)
+        self.call.cancel()
+        self.call = None
+
+    def put_nowait(self, item: object) -> None:
+        """An item of the current attempt, from its replica's stream (shard_stream.py)."""
+        if self.call is None:
+            return
+        try:
+            reply = self.call.take(item)
+        except grpc.aio.AioRpcError as exc:
+            replica = self.replica
+            self._release()
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(replica, exc), context=self.context)
+            return
+        if reply is None:
+            self._release()
+            self._end(None)
+            return
+        if not self.started:
+            self.started = True
+            self.replica.waiting.remove(self.waiting)
+            if self.current is self.request:
+                self.seed = reply.seed  # the request's, or the one the shard picked (shard.proto)
+        self.sent += [t.id for t in reply.tokens]
+        if reply.finish_reason is not None:
+            self.over = True
+            self._release()
+        try:
+            self.on_reply(reply)
+        except Exception as exc:  # noqa: BLE001 - a consumer's failure must not end the stream others share
+            log.exception("a generation's consumer failed")
+            self.cancel()
+            self.on_end(exc)
+
+    async def _recover(self, replica: Replica, exc: grpc.aio.AioRpcError) -> None:
+        """After the current attempt failed: another attempt (see the class's docstring), or on_end(error)."""
+        pool = self.pool
+        try:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                replica.healthy = False
+                if not self.started and any(r.healthy and r.address not in self.tried for r in pool.replicas):
+                    log.info("shard %s unavailable (%s): trying another replica", replica.address, exc.details())
+                    return self._attempt()
+            error = ShardError(f"shard {replica.address}: {exc.code().name}: {exc.details()}", exc.code())
+            if (self.started or self.current is not self.request) and self.failovers < pool.max_failovers \
+                    and pool._abort_reason is None and await pool._failed(replica, exc):
+                resumed = continuation(self.request, self.sent, self.seed)
+                if resumed is not None and any(r.healthy and r.address not in self.tried for r in pool.replicas):
+                    self.failovers += 1
+                    pool.on_failover()
+                    log.warning("%s mid-stream, after %d tokens: the rest goes to another replica", error,
+                                len(self.sent))
+                    self.current = resumed
+                    return self._attempt()
+            self._end(error)
+        except ShardError as error:  # no replica left to pick
+            self._end(error)
+
+    def _end(self, error: Exception | None) -> None:
+        if not self.over:
+            self.over = True
+            self.on_end(error)
+
+    def cancel(self) -> None:
+        """Stop it (unless it is over) and free its sequence in the engine; no callback comes after this."""
+        self.over = True
+        self._release()
+        if self._recovery is not None and self._recovery is not asyncio.current_task():
+            self._recovery.cancel()
+
+    def abort(self, reason: str) -> None:
+        """End it with ShardError(reason) (ShardPool.abort_all)."""
+        if not self.over:
+            self.cancel()
+            self.on_end(ShardError(reason, grpc.StatusCode.UNAVAILABLE))

@@ -3,10 +3,11 @@
 The shard sends an engine step's tokens for all of them in one message, where a Generate call per request
 cost one gRPC message per token on each side (~45 us of CPU each; at c=16, a large share of what the router
 and the shard spent per token). Here each update, and each packed plain token, goes to its generation's
-queue. To ShardPool.generate a generation looks like the Generate call it replaces, its messages already
-in the contract's types: an async iterator of Reply that raises grpc.aio.AioRpcError (its own error, or the
+queue. To ShardPool a generation looks like the Generate call it replaces, its messages already in the
+contract's types: an async iterator of Reply that raises grpc.aio.AioRpcError (its own error, or the
 stream's when the stream fails) and ends after the reply with the finish reason, and cancel(), which makes
-a pending read raise CancelledError as grpc.aio does.
+a pending read raise CancelledError as grpc.aio does. Or, pushed: `start(..., sink=)` hands each item to
+the sink's put_nowait as the stream reads it (no task hop a token), and the sink reads it with `take`.
 
 A stream that fails ends every generation on it with its error; the next generation opens a new one.
 """
@@ -63,16 +64,18 @@ class _Stream:
 
     def _deliver_packed(self, response: shard_pb2.GenerationsResponse) -> None:
         """The packed plain tokens, one Reply per generation as an update would be (its tokens are consecutive:
-        shard.proto). Appending to a Reply already queued is safe: its reader runs only after this returns."""
-        reply, last = None, None
+        shard.proto). Each Reply is handed over whole: a pushed sink reads it at once."""
+        reply, last, queue = None, None, None
         for gid, token_id, logprob in zip(response.tokens_of, response.token_ids, response.token_logprobs):
             if gid != last:  # the generation's first token here: its Reply, unless nobody reads it any more
+                if reply is not None:
+                    queue.put_nowait(reply)
                 last, queue = gid, self.queues.get(gid)
                 reply = None if queue is None else Reply([])
-                if queue is not None:
-                    queue.put_nowait(reply)
             if reply is not None:
                 reply.tokens.append(Token(token_id, logprob))
+        if reply is not None:
+            queue.put_nowait(reply)
 
 
 class SharedStream:
@@ -83,14 +86,16 @@ class SharedStream:
         self._stream: _Stream | None = None
         self._ids = itertools.count(1)
 
-    def start(self, request: shard_pb2.GenerateRequest, log_id: str) -> StreamedGeneration:
+    def start(self, request: shard_pb2.GenerateRequest, log_id: str, sink=None) -> StreamedGeneration:
+        """A new generation, read by iterating it, or, with `sink` (anything with put_nowait), pushed into the
+        sink as the stream reads each item, which the sink turns into a Reply with the generation's `take`."""
         if self._stream is None or not self._stream.open:
             self._stream = _Stream(self._stub)
         stream, gid = self._stream, next(self._ids)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = asyncio.Queue() if sink is None else sink
         stream.queues[gid] = queue
         stream.outgoing.put_nowait(shard_pb2.GenerationsRequest(id=gid, start=request, log_id=log_id))
-        return StreamedGeneration(stream, gid, queue)
+        return StreamedGeneration(stream, gid, queue, pushed=sink is not None)
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -102,8 +107,8 @@ class SharedStream:
 class StreamedGeneration:
     """One generation on a shared stream, read like a Generate call."""
 
-    def __init__(self, stream: _Stream, gid: int, queue: asyncio.Queue) -> None:
-        self._stream, self._id, self._queue = stream, gid, queue
+    def __init__(self, stream: _Stream, gid: int, queue, pushed: bool = False) -> None:
+        self._stream, self._id, self._queue, self._pushed = stream, gid, queue, pushed
         self._over = False  # finished, failed or cancelled: nothing more comes
 
     def __aiter__(self) -> StreamedGeneration:
@@ -112,7 +117,14 @@ class StreamedGeneration:
     async def __anext__(self) -> Reply:
         if self._over:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        reply = self.take(await self._queue.get())
+        if reply is None:
+            raise StopAsyncIteration
+        return reply
+
+    def take(self, item) -> Reply | None:
+        """What one item of this generation's queue means: its next Reply; None when the stream closed before
+        the generation finished; grpc.aio.AioRpcError when it failed; CancelledError once it was cancelled."""
         if type(item) is Reply:  # a packed plain token: the common case
             return item
         if item is _CANCELLED:
@@ -120,7 +132,7 @@ class StreamedGeneration:
         if item is _ENDED or isinstance(item, grpc.aio.AioRpcError):
             self._over = True
             if item is _ENDED:
-                raise StopAsyncIteration
+                return None
             raise item
         if item.error_code:
             self._done()
@@ -140,7 +152,8 @@ class StreamedGeneration:
         self._done()
         if self._stream.open:
             self._stream.outgoing.put_nowait(shard_pb2.GenerationsRequest(id=self._id, cancel=True))
-        self._queue.put_nowait(_CANCELLED)
+        if not self._pushed:  # a pushed sink cancelled it itself: it expects nothing more
+            self._queue.put_nowait(_CANCELLED)
 
 
 def _token(t: shard_pb2.Token) -> Token:

@@ -92,21 +92,14 @@ class Usage:
 
 
 # The request's tenant, set by Admission for everything the request runs (the handler, its stream,
-# the shard call), as REQUEST_ID is.
+# the shard call), as REQUEST_ID is. Tokens are counted to it by generation.PieceMaker, which takes it
+# along: a pushed stream's replies come in the shard stream reader's context.
 CURRENT: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("tenant", default=None)
 
 
 def current() -> Tenant:
     usage = CURRENT.get()
     return usage.tenant if usage else ANONYMOUS
-
-
-def charge(tokens: int, kind: str) -> None:
-    """Count tokens served (`kind`: "prompt" or "generated") to the current request's tenant: its
-    tokens_per_minute window and its metric."""
-    usage = CURRENT.get()
-    if usage is not None and tokens:
-        usage.served(tokens, kind)
 
 
 def parse_keys(text: str) -> dict[bytes, Tenant]:
