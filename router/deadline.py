@@ -39,6 +39,9 @@ class DeadlinePassed(RuntimeError):
     pass
 
 
+PASSED = "the request's deadline passed before the generation finished"
+
+
 @dataclass
 class Waiting:
     """A request sent to a replica that has no first token yet."""
@@ -108,7 +111,7 @@ async def until(at: float, items: AsyncIterator[T]) -> AsyncIterator[T]:
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
-                raise DeadlinePassed("the request's deadline passed before the generation finished") from None
+                raise DeadlinePassed(PASSED) from None
             yield item
     finally:
         await items.aclose()

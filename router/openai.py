@@ -29,9 +29,9 @@ from . import constraints, schemas
 from .body import parse
 from .errors import ApiError
 from .contract import FinishReason
-from .generation import Generation, Piece, collect_all, guarded, in_app, interleave
+from .generation import Generation, Piece, collect_all, in_app
 from .jobs import Job, check_candidates, completion_prompts, openai_job
-from .sse import EventStream
+from .push import event_stream
 from .state import Router, router_of
 
 
@@ -89,7 +89,7 @@ def respond(router: Router, jobs: list[Job], dialect: Dialect, head: dict, promp
     if not stream:
         return in_app(partial(_answer, router, jobs, dialect, head, prompt_tokens))
     include_usage = bool(options and options.include_usage)
-    return EventStream(guarded(_chunks(router, jobs, dialect, head, prompt_tokens, include_usage, done), done=done))
+    return event_stream(router, jobs, ChunkPlan(jobs, dialect, head, prompt_tokens, include_usage, done), hold_back=True)
 
 
 async def _answer(router: Router, jobs: list[Job], dialect: Dialect, head: dict, prompt_tokens: int) -> Response:
@@ -98,21 +98,25 @@ async def _answer(router: Router, jobs: list[Job], dialect: Dialect, head: dict,
                          "usage": usage(prompt_tokens, gens)})
 
 
-async def _chunks(router: Router, jobs: list[Job], dialect: Dialect, head: dict, prompt_tokens: int,
-                  include_usage: bool, done: str | None) -> AsyncIterator[dict | str]:
-    head = {**head, "object": dialect.chunk_object, **({"usage": None} if include_usage else {})}
-    gens = [Generation(prompt_tokens=len(j.request.input_ids)) for j in jobs]
-    for i in range(len(jobs)):
-        for body in dialect.opening(i):
-            yield {**head, **body}
-    streams = [router.textgen.generate(j.request, j.stops, True, g) for j, g in zip(jobs, gens)]
-    async for i, piece in interleave(streams):
-        for body in dialect.chunks(i, piece, gens[i]):
-            yield {**head, **body}
-    if include_usage:
-        yield {**head, "choices": [], "usage": usage(prompt_tokens, gens)}
-    if done:
-        yield done
+class ChunkPlan:
+    """An OpenAI stream (push.StreamPlan): each choice's opening chunks, each piece's, then the usage chunk
+    when asked for and `done`."""
+
+    def __init__(self, jobs: list[Job], dialect: Dialect, head: dict, prompt_tokens: int, include_usage: bool,
+                 done: str | None) -> None:
+        self.head = {**head, "object": dialect.chunk_object, **({"usage": None} if include_usage else {})}
+        self.gens = [Generation(prompt_tokens=len(j.request.input_ids)) for j in jobs]
+        self.dialect, self.prompt_tokens, self.include_usage, self.done = dialect, prompt_tokens, include_usage, done
+
+    def opening(self) -> list[dict | str]:
+        return [{**self.head, **body} for i in range(len(self.gens)) for body in self.dialect.opening(i)]
+
+    def piece(self, index: int, piece: Piece) -> list[dict | str]:
+        return [{**self.head, **body} for body in self.dialect.chunks(index, piece, self.gens[index])]
+
+    def closing(self) -> list[dict | str]:
+        usage_chunk = [{**self.head, "choices": [], "usage": usage(self.prompt_tokens, self.gens)}]
+        return (usage_chunk if self.include_usage else []) + ([self.done] if self.done else [])
 
 
 # ---- chat ----

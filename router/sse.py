@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 
 import orjson
 from starlette.datastructures import Headers
@@ -38,7 +38,7 @@ RESUMABLE_HEADER = "x-sluice-resumable"
 # A comment line alone, no blank line after it: a blank line ends an event, and the openai SDK's parser
 # (unlike the SSE spec) dispatches an empty one once an id was seen, which then fails to parse as JSON.
 KEEPALIVE = b": keep-alive\n"
-_END = {"type": "http.response.body", "body": b"", "more_body": False}
+END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 # Characters JSON leaves raw that Python's str.splitlines() breaks lines at: clients that read SSE with it
@@ -69,7 +69,7 @@ def sse_event(payload: dict | str, name: str | None = None, event_id: str | None
     return b"%sdata: %s\n\n" % (head.encode(), data)
 
 
-def _start(stream_id: str) -> dict:
+def start_message(stream_id: str) -> dict:
     return {"type": "http.response.start", "status": 200,
             "headers": [*SSE_HEADERS, (STREAM_ID_HEADER, stream_id.encode())]}
 
@@ -88,7 +88,7 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool, object]:
+async def unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool, object]:
     """Run `work` until it finishes or the client disconnects, whichever comes first.
     Returns (finished, result); on disconnect the work is cancelled."""
     job = asyncio.ensure_future(work)
@@ -105,45 +105,106 @@ async def _unless_disconnected(receive: Receive, work: Awaitable) -> tuple[bool,
     return True, job.result()  # re-raises the work's own exception
 
 
-class _KeepAlive:
-    """Sends KEEPALIVE whenever `interval` seconds pass without a send. A task of its own that wakes about
-    once an interval: each event only notes the time (a task and a timer per event cost more than the
-    rest of the router's work on a token). It never sends while one of the stream's own sends is under way."""
+class Writer:
+    """A stream's body, written. `write` sends at once when the connection takes the bytes, which is the
+    common case: no await and no task a token (a task's wake-up alone cost ~14 us of the router's CPU a
+    token at 16 streams, bench/RESULTS.md, session 30). A send that cannot finish at once (a slow reader:
+    the server's flow control waits for the socket to drain) goes on in a task of its own, and the writes
+    after it queue behind it, in order. `flush` waits for them. While nothing was written for `keepalive_s`,
+    a keep-alive comment goes out, but never while a send is held up: that send is the news."""
 
-    def __init__(self, send: Send, interval: float) -> None:
-        self._send, self._interval = send, interval
+    def __init__(self, send: Send, keepalive_s: float) -> None:
+        self._send = send
         self._loop = asyncio.get_running_loop()
-        self._last, self._busy = self._loop.time(), False
-        self._task = asyncio.ensure_future(self._run())
+        self._last = self._loop.time()
+        self._backlog: list[bytes] = []
+        self._held: asyncio.Task | None = None  # a held-up send, then the backlog
+        self._failed: BaseException | None = None  # a send that failed at once; `flush` raises it
+        self._keepalive = asyncio.ensure_future(self._keep_alive(keepalive_s)) if keepalive_s else None
+
+    def write(self, data: bytes) -> None:
+        """Send `data` now, or after the sends before it; never raises (`flush` does)."""
+        self._last = self._loop.time()
+        if self._failed is not None:
+            return
+        if self._held is not None:
+            self._backlog.append(data)
+            return
+        sending = self._send(_body(data))
+        try:
+            waits_on = sending.send(None)
+        except StopIteration:
+            return
+        except BaseException as exc:  # noqa: BLE001 - kept for flush: the caller may be another stream's reader
+            self._failed = exc
+            return
+        self._held = asyncio.ensure_future(self._finish_held(sending, waits_on))
+
+    async def _finish_held(self, sending: Coroutine, waits_on: object) -> None:
+        await _resume(sending, waits_on)
+        while self._backlog:
+            data, self._backlog = b"".join(self._backlog), []
+            await self._send(_body(data))
+        self._held = None
+
+    async def flush(self) -> None:
+        """Wait until everything written was sent; raises what a send raised."""
+        if self._failed is not None:
+            raise self._failed
+        if self._held is not None:
+            await self._held
 
     async def send(self, data: bytes) -> None:
-        self._busy = True
-        try:
-            await self._send(_body(data))
-        finally:
-            self._busy = False
-            self._last = self._loop.time()
+        self.write(data)
+        await self.flush()
 
-    async def _run(self) -> None:
+    async def _keep_alive(self, interval: float) -> None:
         while True:
             idle = self._loop.time() - self._last
-            if idle < self._interval:
-                await asyncio.sleep(self._interval - idle)
-            elif self._busy:  # a send held up by a slow reader: it is the news, not a keep-alive
-                await asyncio.sleep(self._interval)
+            if idle < interval:
+                await asyncio.sleep(interval - idle)
+            elif self._held is not None:
+                await asyncio.sleep(interval)
             else:
-                await self.send(KEEPALIVE)
+                self.write(KEEPALIVE)
 
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+    async def close(self) -> None:
+        """Stop the keep-alives and any send still held up (the stream is over, or its client gone)."""
+        tasks = [t for t in (self._keepalive, self._held) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _keepalive_s(scope: Scope) -> float:
+async def _resume(coroutine: Coroutine, waits_on: object) -> None:
+    """Run to its end a coroutine that was started by hand (`send(None)`) and is suspended on `waits_on`, what
+    it yielded to its runner: this task becomes its runner. The coroutine sees the outcome of what it waits
+    on itself, when it is resumed."""
+    try:
+        while True:
+            if waits_on is None:  # a bare yield: it only gives the loop a turn
+                await asyncio.sleep(0)
+            else:
+                waits_on._asyncio_future_blocking = False  # as a task does when it takes a yielded future on
+                try:
+                    await waits_on
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise
+                except Exception:  # noqa: BLE001, S110 - the coroutine's to handle, on its next step
+                    pass
+            waits_on = coroutine.send(None)
+    except StopIteration:
+        pass
+    finally:
+        coroutine.close()
+
+
+def keepalive_s(scope: Scope) -> float:
     return scope["app"].state.router.settings.sse_keepalive_s
 
 
-def _body_send(scope: Scope, send: Send) -> Send:
+def body_send_of(scope: Scope, send: Send) -> Send:
     """Where a stream's body goes once its start went through `send`: the `send` Admission was given (the
     scope's BODY_SEND), past the wrappers between it and the route, which only watch for the start (three
     coroutine calls a token, ~4 us of the router's CPU at 16 streams)."""
@@ -169,26 +230,24 @@ class EventStream:
         if store is not None and headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true"):
             return await self._resumable(store, owner_of(headers), scope, receive, send)
         stream_id = uuid.uuid4().hex
-        interval = _keepalive_s(scope)
+        interval = keepalive_s(scope)
 
         async def pump() -> None:
-            await send(_start(stream_id))
-            body_send = _body_send(scope, send)
-            keepalive = _KeepAlive(body_send, interval) if interval else None
+            await send(start_message(stream_id))
+            body_send = body_send_of(scope, send)
+            writer = Writer(body_send, interval)
             try:
                 n = 0
-                # The next event is asked for only once the previous one was sent: backpressure reaches the shard.
+                # The next event is asked for only once the previous one was sent: backpressure.
                 async for event in self.events:
                     n += 1
-                    data = self.frame(event, f"{stream_id}.{n}")
-                    await (keepalive.send(data) if keepalive else body_send(_body(data)))
+                    await writer.send(self.frame(event, f"{stream_id}.{n}"))
             finally:
-                if keepalive:
-                    await keepalive.stop()
-            await body_send(_END)
+                await writer.close()
+            await body_send(END)
 
         try:
-            await _unless_disconnected(receive, pump())
+            await unless_disconnected(receive, pump())
         finally:
             await self.events.aclose()
 
@@ -234,11 +293,11 @@ class Follow:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         store, k = self.store, self.k
         token = store.attach(k, self.after)
-        keepalive = _keepalive_s(scope) or None
+        keepalive = keepalive_s(scope) or None
 
         async def pump() -> None:
-            await send(_start(k.id))
-            body_send = _body_send(scope, send)
+            await send(start_message(k.id))
+            body_send = body_send_of(scope, send)
             n = self.after
             while k.reader == token:  # a newer connection took the stream over: this one ends
                 changed = k.changed
@@ -257,10 +316,10 @@ class Follow:
                     await asyncio.wait_for(changed.wait(), keepalive)
                 except asyncio.TimeoutError:
                     await body_send(_body(KEEPALIVE))
-            await body_send(_END)
+            await body_send(END)
 
         try:
-            await _unless_disconnected(receive, pump())
+            await unless_disconnected(receive, pump())
         finally:
             store.detach(k, token)
 
@@ -273,6 +332,6 @@ class Deferred:
         self.compute = compute
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        finished, response = await _unless_disconnected(receive, self.compute())
+        finished, response = await unless_disconnected(receive, self.compute())
         if finished:
             await response(scope, receive, send)

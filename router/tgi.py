@@ -1,17 +1,15 @@
 """TGI routes: /generate, /generate_stream and the compat `POST /`."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import schemas
 from .body import parse
 from .contract import FinishReason
-from .generation import Generation, collect_all, guarded, in_app
+from .generation import Generation, Piece, collect_all, in_app
 from .jobs import Job, tgi_job
-from .sse import EventStream
+from .push import event_stream
 from .state import Router, router_of
 
 
@@ -66,25 +64,41 @@ async def tgi_generate_stream(request: Request) -> Response:
     return tgi_stream(router, body, tgi_job(router, body))
 
 
-def tgi_stream(router: Router, body: schemas.GenerateRequest, job: Job) -> EventStream:
-    p = body.parameters or schemas.Parameters()
+def tgi_stream(router: Router, body: schemas.GenerateRequest, job: Job) -> Response:
+    return event_stream(router, [job], TgiPlan(router, body, job), hold_back=False)
 
-    async def events() -> AsyncIterator[dict]:
-        gen = Generation(prompt_tokens=len(job.request.input_ids))
-        index = 0
-        async for piece in router.textgen.generate(job.request, job.stops, False, gen):
-            index += 1
-            token = piece.token or router.textgen.token_dict(gen.tokens[-1]["id"] if gen.tokens else 0, 0.0, "")
-            event = {"index": index, "token": token, "generated_text": None, "details": None}
-            if job.request.top_n_tokens:
-                event["top_tokens"] = piece.top_tokens or []
-            if piece.finish_reason:
-                event["generated_text"] = (body.inputs if p.return_full_text else "") + gen.text
-                if p.details:
-                    event["details"] = tgi_details(gen, job, streamed=True)
-            yield event
 
-    return EventStream(guarded(events()))
+class TgiPlan:
+    """A TGI stream (push.StreamPlan): one event per token; the last has the whole text, and the details
+    when asked for."""
+
+    done = None
+
+    def __init__(self, router: Router, body: schemas.GenerateRequest, job: Job) -> None:
+        self.router, self.job = router, job
+        self.params = body.parameters or schemas.Parameters()
+        self.prefix = body.inputs if self.params.return_full_text else ""
+        self.gens = [Generation(prompt_tokens=len(job.request.input_ids))]
+        self.index = 0
+
+    def opening(self) -> list[dict | str]:
+        return []
+
+    def piece(self, index: int, piece: Piece) -> list[dict | str]:
+        gen = self.gens[0]
+        self.index += 1
+        token = piece.token or self.router.textgen.token_dict(gen.tokens[-1]["id"] if gen.tokens else 0, 0.0, "")
+        event = {"index": self.index, "token": token, "generated_text": None, "details": None}
+        if self.job.request.top_n_tokens:
+            event["top_tokens"] = piece.top_tokens or []
+        if piece.finish_reason:
+            event["generated_text"] = self.prefix + gen.text
+            if self.params.details:
+                event["details"] = tgi_details(gen, self.job, streamed=True)
+        return [event]
+
+    def closing(self) -> list[dict | str]:
+        return []
 
 
 async def tgi_compat(request: Request) -> Response:

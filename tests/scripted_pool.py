@@ -43,6 +43,10 @@ class ScriptedPool:
             if self.fail:
                 return
 
+    def start(self, request, on_reply, on_end) -> Pushed:
+        """`generate`, pushed to callbacks as ShardPool.start pushes a replica's replies."""
+        return Pushed(self.generate(request), on_reply, on_end)
+
     def abort_all(self, reason: str) -> int:
         return 0
 
@@ -51,6 +55,23 @@ class ScriptedPool:
 
     def prompt(self, index: int = -1) -> str:
         return self.tokenizer.decode(list(self.requests[index].input_ids))
+
+
+class Pushed:
+    """Replies handed to `on_reply` as they come, then `on_end(None)` if none had a finish reason."""
+
+    def __init__(self, replies, on_reply, on_end) -> None:
+        self.task = asyncio.ensure_future(self._run(replies, on_reply, on_end))
+
+    async def _run(self, replies, on_reply, on_end) -> None:
+        last = None
+        async for last in replies:
+            on_reply(last)
+        if last is None or last.finish_reason is None:
+            on_end(None)
+
+    def cancel(self) -> None:
+        self.task.cancel()
 
 
 def run_in_process(model_dir, tokenizer, check, **settings) -> None:

@@ -78,11 +78,11 @@ def test_close_during_long_prefill(srv):
 
 
 def test_stalled_readers_get_whole_streams(tiny_fp32_server):
-    """Clients that read nothing until the engine is done. The router's pump sends one event at a time
-    and awaits uvicorn's drain whenever the socket's buffer passes its high-water mark (64 kB), so a
-    stalled reader costs the router one event plus that buffer (the rest waits in the kernel's socket
-    buffers, or in gRPC's flow-control window, which in turn stops the shard's sender); the engine never
-    waits on a client and finishes regardless. When the clients read, every stream is whole."""
+    """Clients that read nothing until the engine is done. The router writes each event as the shard's
+    reply comes; once the socket's buffer passes uvicorn's high-water mark (64 kB), that send waits for the
+    drain in a task of its own and the events after it queue behind it, in order (sse.Writer), so neither
+    the shard stream that every request shares nor the engine ever waits on one client. When the clients
+    read, every stream is whole."""
     tiny = tiny_fp32_server  # shared with test_parity: the tiny model, default limits
     body = {"inputs": "Hello", "parameters": {"max_new_tokens": 200, "details": True}}
     socks = [open_stream(tiny.url, body, rcvbuf=4096) for _ in range(4)]

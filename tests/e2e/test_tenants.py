@@ -1,6 +1,6 @@
 """Tenants through real processes (router and shard over gRPC, the tiny model, one sequence at a time):
-a lone tenant's request is not served after another tenant's whole backlog, and the keys file is reread
-on SIGHUP."""
+a lone tenant's request is not served after another tenant's whole backlog, streamed tokens are counted to
+their own tenant, and the keys file is reread on SIGHUP."""
 from __future__ import annotations
 
 import signal
@@ -57,6 +57,32 @@ def test_a_lone_tenant_is_not_served_after_the_whole_backlog(keyed):
     # First come, first served would finish B last; by service, B is next once A's running one is done
     # (or the one after, if that finished before B arrived).
     assert finished.index("B") <= 2, finished
+
+
+def test_streamed_tokens_are_counted_to_the_tenant_that_streamed_them(keyed):
+    """A stream's replies are handled as the router's shard-stream reader reads them, one reader for every
+    stream (router/push.py), not in the request's own task: each tenant is still charged its own tokens."""
+    srv, _ = keyed
+
+    def generated(tenant: str) -> float:
+        return srv.metrics().get(f'sluice_tenant_tokens_total{{kind="generated",tenant="{tenant}"}}', 0.0)
+
+    ended: list[bool] = []
+
+    def stream(key: str, tokens: int) -> None:
+        body = {"prompt": "The river flows", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=300,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            ended.append(response.status_code == 200 and response.read().rstrip().endswith(b"data: [DONE]"))
+
+    before = {t: generated(t) for t in "AB"}
+    threads = [threading.Thread(target=stream, args=(key, n)) for key, n in (("k-a", 37), ("k-b", 23), ("k-a", 5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert ended == [True] * 3
+    assert {t: generated(t) - before[t] for t in "AB"} == {"A": 42, "B": 23}
 
 
 def test_the_keys_file_is_reread_on_sighup(keyed):

@@ -11,10 +11,11 @@ import pytest
 from router.app import ENDPOINTS, GENERATION_ROUTES, create_app
 from router.config import RouterSettings
 from router.contract import FinishReason, Reply, ShardInfo, Token
+from scripted_pool import Pushed
 
 
 class FakePool:
-    """The ShardPool interface the app uses: info, replicas, health, generate, close, abort_all."""
+    """The ShardPool interface the app uses: info, replicas, health, generate, start, close, abort_all."""
 
     def __init__(self, eos_id: int) -> None:
         self.info = ShardInfo(model_id="fake", vocab_size=100, eos_token_ids=[eos_id], max_position_embeddings=512)
@@ -31,6 +32,9 @@ class FakePool:
         self.requests.append(request)
         await self.release.wait()
         yield Reply(tokens=[Token(id=5, logprob=-0.5)], prompt_tokens=3, finish_reason=FinishReason.LENGTH)
+
+    def start(self, request, on_reply, on_end) -> Pushed:
+        return Pushed(self.generate(request), on_reply, on_end)
 
     def abort_all(self, reason: str) -> int:
         return 0

@@ -56,8 +56,8 @@ def test_keepalive_waits_while_a_send_is_held_up_and_pings_once_idle(monkeypatch
                 await release.wait()  # the first event's send waits on the reader
             sent.append(message["body"])
 
-        keepalive = sse._KeepAlive(send, 0.02)
-        held = asyncio.ensure_future(keepalive.send(b"data: 1\n\n"))
+        writer = sse.Writer(send, 0.02)
+        held = asyncio.ensure_future(writer.send(b"data: 1\n\n"))
         await real_sleep(0.2)  # ten intervals with the send held up
         pinged_while_held = list(sent)
         spins = len(sleeps)
@@ -65,10 +65,71 @@ def test_keepalive_waits_while_a_send_is_held_up_and_pings_once_idle(monkeypatch
         await held
         while len(sent) < 2:
             await real_sleep(0.01)
-        await keepalive.stop()
+        await writer.close()
         return pinged_while_held, spins, sent
 
     pinged_while_held, spins, sent = asyncio.run(scenario())
     assert pinged_while_held == []
     assert spins < 50  # one sleep an interval (about ten), not a busy loop
     assert sent[:2] == [b"data: 1\n\n", sse.KEEPALIVE]
+
+
+def test_writes_after_a_held_up_send_follow_it_in_order_and_flush_waits_for_them():
+    """`write` sends at once when the send completes without waiting; one that has to wait (a slow reader)
+    finishes in a task, and the writes after it queue behind it and go out after it, in order."""
+    import asyncio
+
+    from router import sse
+
+    async def scenario():
+        sent, release = [], asyncio.Event()
+
+        async def send(message):
+            if message["body"] == b"2":
+                await release.wait()  # the socket's buffer is full: the server waits for it to drain
+            sent.append(message["body"])
+
+        writer = sse.Writer(send, 0)
+        writer.write(b"1")
+        at_once = list(sent)
+        writer.write(b"2")
+        writer.write(b"3")
+        writer.write(b"4")
+        await asyncio.sleep(0.05)
+        while_held = list(sent)
+        flushed = asyncio.ensure_future(writer.flush())
+        await asyncio.sleep(0.05)
+        waited = not flushed.done()
+        release.set()
+        await flushed
+        writer.write(b"5")
+        await writer.close()
+        return at_once, while_held, waited, sent
+
+    at_once, while_held, waited, sent = asyncio.run(scenario())
+    assert at_once == [b"1"]
+    assert while_held == [b"1"] and waited
+    assert b"".join(sent) == b"12345" and sent[:2] == [b"1", b"2"]
+
+
+def test_a_failed_send_is_raised_by_flush_not_by_write():
+    """A write runs on whoever delivers the event (a shard stream's reader, shared by every stream): it
+    must not raise there. The stream's own task learns of it when it flushes."""
+    import asyncio
+
+    import pytest
+
+    from router import sse
+
+    async def scenario():
+        async def send(message):
+            raise OSError("connection reset")
+
+        writer = sse.Writer(send, 0)
+        writer.write(b"1")
+        writer.write(b"2")
+        with pytest.raises(OSError):
+            await writer.flush()
+        await writer.close()
+
+    asyncio.run(scenario())
