@@ -15,6 +15,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import grpc
+from tokenizers.decoders import DecodeStream
 
 from . import deadline, tenants
 from .contract import FinishReason, Reply, ShardRequest, Token
@@ -34,17 +35,58 @@ log = logging.getLogger("sluice.router")
 PROMPT_CONTEXT_TOKENS = 5
 
 
-def fast_decode(tokenizer) -> Callable[[list[int]], str]:
-    """ids -> text without special tokens. The Rust tokenizer's own decode where transformers' would only
-    forward to it (a third of the time: two decodes per streamed token); transformers' where it does more."""
+def _rust_backend(tokenizer):
+    """The Rust tokenizer behind a transformers one, where transformers' decode would only forward to it
+    (it does more where it cleans up spaces); None otherwise."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    return None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+
+
+def fast_decode(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> text without special tokens: the Rust tokenizer's own decode where it gives what
+    transformers' would (a third of the time), transformers' where it does more."""
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
         return partial(backend.decode, skip_special_tokens=True)
     return partial(tokenizer.decode, skip_special_tokens=True)
 
 
+def incremental_decoder(tokenizer, prompt_ids: list[int]) -> StreamDecoder | IncrementalDecoder:
+    """The decoder of one generation's text: tokenizers' own streaming decoder where the Rust tokenizer
+    decodes as transformers would (one call a token: 0.5 us against 1.5 for two decodes in a hot loop, and
+    every microsecond of the router's counts at 16 streams on 2 cores), else the same rule in Python."""
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
+        return StreamDecoder(backend, prompt_ids)
+    return IncrementalDecoder(tokenizer, prompt_ids)
+
+
+class StreamDecoder:
+    """Text for each new token, never half a character: tokenizers.decoders.DecodeStream, which keeps the
+    same two offsets as IncrementalDecoder (in Rust), started from the prompt's last few tokens."""
+
+    def __init__(self, backend, prompt_ids: list[int]) -> None:
+        self._backend = backend
+        self._stream = DecodeStream(ids=list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]), skip_special_tokens=True)
+        self._held: list[int] = []  # tokens since the last text: part of a character, or special
+
+    def add(self, token_id: int) -> str:
+        text = self._stream.step(self._backend, token_id)
+        if text is None:
+            self._held.append(token_id)
+            return ""
+        if self._held:
+            self._held = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back, broken or not: the generation is over."""
+        held, self._held = self._held, []
+        return self._backend.decode(held, skip_special_tokens=True) if held else ""
+
+
 class IncrementalDecoder:
-    """Text for each new token, never half a character.
+    """Text for each new token, never half a character, for tokenizers that only transformers decodes right.
 
     Keeps two offsets into the id list: text before `read` was already emitted, `prefix` is where the
     decode window starts. A new piece is the difference between decoding the window with and without
@@ -94,6 +136,8 @@ class StopMatcher:
 
     def add(self, piece: str) -> tuple[str, bool]:
         """Append a piece; returns (text to emit now, whether a stop sequence matched)."""
+        if not self.stops:  # nothing to find or hold: the text goes as it comes
+            return piece, False
         start = max(0, len(self.text) - self._longest + 1)
         self.text += piece
         hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
@@ -201,7 +245,7 @@ class PieceMaker:
     def __init__(self, textgen: TextGenerator, request: ShardRequest, stops: list[str], hold_back: bool,
                  gen: Generation) -> None:
         self.textgen, self.request, self.gen = textgen, request, gen
-        self.decoder = IncrementalDecoder(textgen.tokenizer, list(request.input_ids))
+        self.decoder = incremental_decoder(textgen.tokenizer, list(request.input_ids))
         self.matcher = StopMatcher(stops, hold_back)
         self.usage = tenants.CURRENT.get()  # captured: pushed replies come in no request's context
         self.metrics = textgen.metrics

@@ -54,6 +54,8 @@ _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS  # as json.dumps: {1: x} is {"1": x}
 
 
 def _escape_line_breaks(data: bytes) -> bytes:
+    if data.isascii():  # most events: none of those characters can be in it
+        return data
     for raw, escaped in _LINE_BREAKS:
         if raw in data:
             data = data.replace(raw, escaped)
@@ -61,10 +63,12 @@ def _escape_line_breaks(data: bytes) -> bytes:
 
 
 def sse_event(payload: dict | str, name: str | None = None, event_id: str | None = None) -> bytes:
-    if isinstance(payload, str):
+    if type(payload) is str:
         data = payload.encode()
     else:
         data = _escape_line_breaks(orjson.dumps(payload, option=_DUMPS_OPTIONS))
+    if name is None and event_id is not None:  # the common case, one format
+        return b"id: %s\ndata: %s\n\n" % (event_id.encode(), data)
     head = (f"id: {event_id}\n" if event_id else "") + (f"event: {name}\n" if name else "")
     return b"%sdata: %s\n\n" % (head.encode(), data)
 

@@ -1,7 +1,7 @@
 """Incremental detokenization and stop sequences, without a server."""
 import pytest
 
-from router.generation import IncrementalDecoder, StopMatcher
+from router.generation import IncrementalDecoder, StopMatcher, StreamDecoder, incremental_decoder
 from sluice.modelfiles import load_tokenizer, resolve
 
 
@@ -10,10 +10,24 @@ def tokenizer():
     return load_tokenizer(resolve(None))
 
 
+# Both decoders keep the same rule: tokenizers' streaming one (Rust) and ours (Python, for tokenizers only
+# transformers decodes right).
+DECODERS = {"stream": lambda tok, ids: StreamDecoder(tok.backend_tokenizer, ids), "python": IncrementalDecoder}
+
+
+@pytest.fixture(params=sorted(DECODERS))
+def make_decoder(request):
+    return DECODERS[request.param]
+
+
+def test_a_rust_tokenizer_gets_the_streaming_decoder(tokenizer):
+    assert type(incremental_decoder(tokenizer, [])) is StreamDecoder
+
+
 @pytest.mark.parametrize("text", ["Héllo wörld, 日本語のテキスト 😀🎉 and ascii", " leading space\nnew line\ttab"])
-def test_pieces_are_whole_characters_and_add_up(tokenizer, text):
+def test_pieces_are_whole_characters_and_add_up(tokenizer, make_decoder, text):
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    decoder = IncrementalDecoder(tokenizer, prompt_ids=tokenizer("Say:", add_special_tokens=False).input_ids)
+    decoder = make_decoder(tokenizer, tokenizer("Say:", add_special_tokens=False).input_ids)
     pieces = [decoder.add(i) for i in ids] + [decoder.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == text
@@ -22,8 +36,16 @@ def test_pieces_are_whole_characters_and_add_up(tokenizer, text):
         assert "" in pieces[:-1]
 
 
-def test_special_tokens_have_no_text(tokenizer):
-    decoder = IncrementalDecoder(tokenizer, prompt_ids=[])
+def test_a_character_cut_by_the_end_still_shows(tokenizer, make_decoder):
+    """The generation ended inside a character: flush gives what is left (a replacement character), not nothing."""
+    ids = tokenizer("ok 😀", add_special_tokens=False).input_ids
+    decoder = make_decoder(tokenizer, [])
+    pieces = [decoder.add(i) for i in ids[:-1]]
+    assert "".join(pieces) == "ok" and decoder.flush().strip() == "\ufffd"
+
+
+def test_special_tokens_have_no_text(tokenizer, make_decoder):
+    decoder = make_decoder(tokenizer, [])
     assert decoder.add(tokenizer("Hi", add_special_tokens=False).input_ids[0]) == "Hi"
     assert decoder.add(tokenizer.eos_token_id) == ""
 
