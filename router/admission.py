@@ -24,8 +24,8 @@ log = logging.getLogger("sluice.router")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-# The scope key of the `send` Admission was given: a stream's events go there, past the wrappers between
-# it and the route (router/sse.py).
+# The scope key of the server's own `send` (app.RouterApp puts it there): a stream's events go there, past
+# the middleware's wrappers between it and the route (router/sse.py).
 BODY_SEND = "sluice.body_send"
 
 
@@ -57,7 +57,6 @@ class Admission:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        scope[BODY_SEND] = send
         path = scope["path"]
         route = path if path in self.known_routes else "other"  # unknown paths must not grow label sets
         status = 500  # what an exception before the response start amounts to

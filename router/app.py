@@ -18,9 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import schemas
-from .admission import Admission, Load
+from .admission import BODY_SEND, Admission, Load
 from .config import RouterSettings
 from .body import DiscardRestOfBody
 from .errors import ApiError, error_response
@@ -115,6 +116,14 @@ async def on_http_error(request: Request, exc: HTTPException) -> Response:
     return error_response(path, exc.status_code, message, kinds.get(exc.status_code, "validation"), exc.headers)
 
 
+class RouterApp(Starlette):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The server's own send: a stream's events go there, past the middleware's wrappers, which only
+        # watch the response's start (sse.body_send_of).
+        scope[BODY_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starlette:
     """The app. With `pool` (the test seam), it serves through that pool instead of connecting its own."""
     metrics_ = Metrics()
@@ -138,7 +147,7 @@ def create_app(settings: RouterSettings, pool: ShardPool | None = None) -> Starl
     for e in ENDPOINTS:
         by_path.setdefault(e.path, {})[e.method] = e.handler
     routes = [Route(path, partial(_by_method, handlers), methods=list(handlers)) for path, handlers in by_path.items()]
-    app = Starlette(routes=routes, lifespan=lifespan,
+    app = RouterApp(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: on_api_error, HTTPException: on_http_error})
     app.state.router = router
     app.state.load = load

@@ -237,6 +237,11 @@ class TextGenerator:
 SHARD_WENT_AWAY = "the shard closed the stream before the generation finished"
 
 
+# Generated tokens are counted to the tenant this many at a time (and the rest when the request ends): its
+# tokens_per_minute window counts by the second, and a count a token cost ~1.5 us of the router's CPU.
+CHARGE_EVERY = 16
+
+
 class PieceMaker:
     """The shard's replies for one request, made into Pieces (decoded text, stop sequences, the last piece's
     finish reason), counted in the metrics and the tenant's usage, and kept in its Generation. Plain calls:
@@ -254,6 +259,7 @@ class PieceMaker:
         self.waiting = self.first = True
         self.finished = False  # the last piece was made
         self.closed = False
+        self.uncharged = 0  # generated tokens not yet counted to the tenant
 
     def _charge(self, tokens: int, kind: str) -> None:
         if self.usage is not None and tokens:
@@ -275,7 +281,10 @@ class PieceMaker:
             self.first = False
             self._charge(gen.prompt_tokens, "prompt")
         if reply.tokens:
-            self._charge(len(reply.tokens), "generated")
+            self.uncharged += len(reply.tokens)
+            if self.uncharged >= CHARGE_EVERY:
+                self._charge(self.uncharged, "generated")
+                self.uncharged = 0
             if self.waiting:
                 m.queue.dec()
                 self.waiting = False
@@ -317,6 +326,7 @@ class PieceMaker:
         if self.closed:
             return
         self.closed = True
+        self._charge(self.uncharged, "generated")
         m = self.metrics
         if self.waiting:
             m.queue.dec()
