@@ -2,8 +2,8 @@
 
 This module holds the route table (ENDPOINTS: Starlette's routes, Admission's route sets and the OpenAPI
 document all read it) and create_app. A request's path: body.parse (413/422) -> jobs (rules, shard
-request) -> generation (TextGenerator over pool.ShardPool) -> tgi/openai (the dialect's answer, JSON or
-sse.EventStream). Service routes are in service.py.
+request) -> tgi/openai (the dialect's answer: JSON over generation.collect, or a stream, push.event_stream,
+its replies pushed from pool.ShardPool through generation.PieceMaker). Service routes are in service.py.
 """
 from __future__ import annotations
 
