@@ -116,6 +116,7 @@ class PushedStream:
     async def _finish(self) -> None:
         await self.ended
         await self.writer.flush()
+        await self.writer.close()  # no keep-alive after the end
         await self.body_send(END)
 
     def _on_reply(self, reply: Reply) -> None:
