@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
-from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from . import deadline
@@ -27,7 +26,7 @@ from .contract import Reply
 from .generation import SHARD_WENT_AWAY, Generation, IncompleteGeneration, Piece, PieceMaker, error_events, guarded, \
     interleave
 from .pool import PoolGeneration, ShardError
-from .sse import END, RESUMABLE_HEADER, EventStream, Writer, body_send_of, keepalive_s, sse_event, start_message, \
+from .sse import END, EventStream, Writer, body_send_of, keepalive_s, resumable_store, sse_event, start_message, \
     unless_disconnected
 
 if TYPE_CHECKING:  # state imports generation, which this module imports
@@ -80,7 +79,7 @@ class PushedStream:
         self.router, self.job, self.plan, self.hold_back = router, job, plan, hold_back
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if Headers(scope=scope).get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true"):
+        if resumable_store(scope) is not None:  # its events go to the store: the async path (module docstring)
             events = planned_events(self.router, [self.job], self.plan, self.hold_back)
             return await EventStream(guarded(events, self.plan.done))(scope, receive, send)
         self.stream_id, self.event_count = uuid.uuid4().hex, 0

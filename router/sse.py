@@ -208,6 +208,15 @@ def keepalive_s(scope: Scope) -> float:
     return scope["app"].state.router.settings.sse_keepalive_s
 
 
+def resumable_store(scope: Scope) -> StreamStore | None:
+    """The store a stream keeps its events in, when the request asks for a resumable one (RESUMABLE_HEADER)
+    and the app keeps them; None otherwise."""
+    store: StreamStore | None = getattr(scope["app"].state, "streams", None)
+    if store is not None and Headers(scope=scope).get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true"):
+        return store
+    return None
+
+
 def body_send_of(scope: Scope, send: Send) -> Send:
     """Where a stream's body goes once its start went through `send`: the server's own send (the scope's
     BODY_SEND), past the middleware's wrappers between it and the route, which only watch for the start
@@ -229,10 +238,9 @@ class EventStream:
         return sse_event(event, name, event_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        store: StreamStore | None = getattr(scope["app"].state, "streams", None)
-        headers = Headers(scope=scope)
-        if store is not None and headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true"):
-            return await self._resumable(store, owner_of(headers), scope, receive, send)
+        store = resumable_store(scope)
+        if store is not None:
+            return await self._resumable(store, owner_of(Headers(scope=scope)), scope, receive, send)
         stream_id = uuid.uuid4().hex
         interval = keepalive_s(scope)
 
