@@ -69,16 +69,16 @@ def serve(settings: RouterSettings) -> None:
             return await super().on_tick(counter)
 
     from .app import create_app
+    from .http_protocol import VersionDispatch
 
     sock = _bind(settings.hostname, settings.port)
     app = create_app(settings)
     load: Load = app.state.load
     signal.signal(signal.SIGHUP, lambda sig, frame: app.state.tenants.reload())  # the keys file, reread
     # log_config=None: uvicorn's loggers go through ours (the request id in every line, the access log too).
-    # h11, not httptools even where it is installed: uvicorn's httptools protocol answers an HTTP/1.0 request
-    # (curl -0, nginx's default proxy_http_version) with a chunked stream, which HTTP/1.0 has no such thing as.
+    # httptools, but h11 for HTTP/1.0 clients: router/http_protocol.py says why.
     config = uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30, http="h11")
+                            timeout_keep_alive=30, http=VersionDispatch)
     server = DrainingServer(config)
     log.info("router listening on http://%s:%d", settings.hostname, settings.port)
     server.run(sockets=[sock])

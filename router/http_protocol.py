@@ -1,0 +1,90 @@
+"""The HTTP/1 protocol a connection gets: uvicorn's httptools one, but h11 for an HTTP/1.0 client.
+
+httptools (a C parser) frames a streamed event in a few lines of Python where h11 runs its state machine:
+~10 us of the router's CPU a streamed token less at 16 streams (bench/RESULTS.md, session 32), and on a
+2-core host every microsecond of it is the engine's. But uvicorn's httptools protocol answers an HTTP/1.0
+request (curl -0, nginx's default proxy_http_version) with a chunked stream, which HTTP/1.0 has no such
+thing as; h11 ends such a response by closing the connection. So a connection's first request line
+chooses: HTTP/1.0 gets h11, everything else httptools (h11 too where httptools is not installed).
+
+A connection keeps the protocol its first request chose: an HTTP/1.0 request's connection closes after its
+answer (neither protocol keeps an HTTP/1.0 connection alive), and clients that open with HTTP/1.1 do not
+switch versions on a connection they keep alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools not installed
+    HttpToolsProtocol = None
+
+# A request line longer than this without its end goes to the fast protocol as is, which refuses it.
+_MAX_SNIFF = 8192
+
+
+def protocol_for(first_line: bytes) -> type[asyncio.Protocol]:
+    """The protocol class for a connection whose first request line is `first_line` (without its CRLF)."""
+    if HttpToolsProtocol is None or first_line.rstrip().endswith(b"HTTP/1.0"):
+        return H11Protocol
+    return HttpToolsProtocol
+
+
+class VersionDispatch(asyncio.Protocol):
+    """Holds a new connection's bytes until its first request line is in, then hands the connection to
+    the protocol that line chooses (uvicorn's own HTTP/2 dispatcher works the same way)."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        self.transport = transport  # type: ignore[assignment]
+        # Listed, so that uvicorn's shutdown closes a connection that never sent a byte.
+        self.server_state.connections.add(self)
+        self.idle = self.loop.call_later(self.config.timeout_keep_alive, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unlist()
+
+    def eof_received(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        assert self.transport is not None
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\n")
+        if end < 0 and len(self.buffer) < _MAX_SNIFF:
+            return
+        first_line = self.buffer[:end] if end >= 0 else self.buffer
+        self._unlist()
+        protocol = protocol_for(first_line)(config=self.config, server_state=self.server_state,  # type: ignore[call-arg]
+                                            app_state=self.app_state, _loop=self.loop)
+        assert self.transport is not None
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(self.buffer)
+
+    def _unlist(self) -> None:
+        self.server_state.connections.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
