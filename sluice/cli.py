@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     stopped), and the process exits at once (sluice.process.exit_now); failures raise SystemExit."""
     from sluice import logs
 
+    # Before gRPC starts: its EventEngine reads each message on a worker thread of its own pool, woken by its
+    # poller thread, and then wakes the thread that polls the completion queue for Python. The older I/O
+    # manager reads in that polling thread itself: at 16 streams ~2.9 context switches a step's message in
+    # the router instead of ~8.5, and 8 us of its CPU a streamed token less (bench/RESULTS.md, session 32).
+    # A GRPC_EXPERIMENTS of the user's own (even empty) is left as it is.
+    os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client,-event_engine_listener")
     logs.setup()
     args = build_parser().parse_args(argv)
     commands = {"serve": run_serve, "router": run_router, "shard": run_shard, "health": run_health}
